@@ -1,0 +1,236 @@
+"""The prefix artifact: a JSON manifest plus safetensors tensors. No device code lives here.
+
+Tensor layout (format version 1), all per decoder layer, in the order the model's KV cache holds them:
+
+    kv: [num_layers, 2, num_kv_heads, prefix_length, head_dim]      # index 0 of dim 1 = keys, 1 = values
+
+Keys are stored exactly as they sit in the cache (for RoPE models: as cache entries, not re-rotated), which is
+how PEFT's prefix tuning injects them. See docs/artifact-format.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "prefix.safetensors"
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+_MAX_HEADER_BYTES = 1024 * 1024
+_DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+KV_TENSORS = ("kv",)  # tensor names a decoder-only artifact may carry
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be served; names the field, the expected and the found value."""
+
+    def __init__(self, field: str, expected: Any, found: Any, message: str | None = None):
+        self.field, self.expected, self.found = field, expected, found
+        super().__init__(message or f"{field}: expected {expected}, found {found}")
+
+
+class ArtifactTooLarge(ArtifactError):
+    """The artifact (or an upload) is over the configured size cap."""
+
+
+@dataclass
+class Manifest:
+    """Everything a server needs to know about a prefix without reading its tensors."""
+
+    base_model: dict[str, Any]
+    prefix_length: int
+    dtype: str
+    sha256: str
+    format_version: int = FORMAT_VERSION
+    kind: str = "prefix_kv"
+    created: float = field(default_factory=time.time)
+    description: str = ""
+    source: str = "native"
+    input_format: str = ""  # how inputs were formatted in training, e.g. "name : X | Type : Y | ..."
+    nbytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        """The immutable version id of the artifact: the sha256 of its tensors."""
+        return self.sha256
+
+    def to_json(self) -> bytes:
+        """Canonical JSON bytes."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str | dict) -> Manifest:
+        """Parse and type-check a manifest; unknown keys are an error naming them."""
+        try:
+            d = data if isinstance(data, dict) else json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError("manifest", "valid JSON", f"invalid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ArtifactError("manifest", "a JSON object", type(d).__name__)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ArtifactError("manifest", f"only the fields {sorted(known)}", f"unknown fields {unknown}")
+        for name in ("base_model", "prefix_length", "dtype", "sha256"):
+            if name not in d:
+                raise ArtifactError(f"manifest.{name}", "present", "missing")
+        if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ArtifactError("manifest.format_version", FORMAT_VERSION, d.get("format_version"))
+        types = {"base_model": dict, "prefix_length": int, "dtype": str, "sha256": str, "kind": str,
+                 "description": str, "source": str, "input_format": str, "extra": dict}
+        for name, typ in types.items():
+            if name in d and (not isinstance(d[name], typ) or isinstance(d[name], bool)):
+                raise ArtifactError(f"manifest.{name}", typ.__name__, type(d[name]).__name__)
+        return cls(**d)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Content hash over names, dtypes, shapes and raw bytes, independent of how the file was serialised."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{_DTYPE_NAMES.get(t.dtype, str(t.dtype))}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class PrefixArtifact:
+    """A manifest and its CPU tensors (see the module docstring for the layout)."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """[num_layers, 2, num_kv_heads, prefix_length, head_dim]."""
+        return self.tensors["kv"]
+
+    def to_bytes(self) -> tuple[bytes, bytes]:
+        """(manifest JSON, safetensors) as stored and uploaded."""
+        return self.manifest.to_json(), st_save({k: v.contiguous() for k, v in self.tensors.items()})
+
+    @classmethod
+    def from_bytes(cls, manifest: bytes, tensors: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixArtifact:
+        """Parse without trusting the input: header checked before allocation, hash verified."""
+        m = Manifest.from_json(manifest)
+        t = read_safetensors(tensors, max_bytes)
+        found = tensors_sha256(t)
+        if found != m.sha256:
+            raise ArtifactError("manifest.sha256", m.sha256, found, "manifest.sha256 does not match the tensors "
+                                f"(expected {m.sha256}, found {found})")
+        return cls(m, t)
+
+
+def build_artifact(kv: torch.Tensor, fingerprint: dict[str, Any], *, description: str = "", source: str = "native",
+                   input_format: str = "", extra: dict[str, Any] | None = None) -> PrefixArtifact:
+    """Make an artifact from a KV tensor [layers, 2, kv_heads, P, head_dim] (moved to CPU, made contiguous)."""
+    kv = kv.detach().to("cpu").contiguous()
+    if kv.dim() != 5:
+        raise ArtifactError("kv.ndim", 5, kv.dim())
+    tensors = {"kv": kv}
+    m = Manifest(base_model=dict(fingerprint), prefix_length=int(kv.shape[3]),
+                 dtype=_DTYPE_NAMES.get(kv.dtype, str(kv.dtype)), sha256=tensors_sha256(tensors),
+                 description=description, source=source, input_format=input_format,
+                 nbytes=kv.numel() * kv.element_size(), extra=dict(extra or {}))
+    return PrefixArtifact(m, tensors)
+
+
+def check_safetensors_header(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """Parse and check a safetensors header before any tensor is allocated; return the header dict."""
+    if len(data) > max_bytes:
+        raise ArtifactTooLarge("tensors.size", f"<= {max_bytes} bytes", f"{len(data)} bytes")
+    if len(data) < 8:
+        raise ArtifactError("tensors", "a safetensors file", f"{len(data)} bytes (truncated)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER_BYTES or 8 + n > len(data):
+        raise ArtifactError("tensors.header", f"a header of at most {min(_MAX_HEADER_BYTES, len(data) - 8)} bytes",
+                            f"{n} bytes (not a safetensors file, or truncated)")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError("tensors.header", "JSON", "unparseable bytes (not a safetensors file)") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("tensors.header", "a JSON object", type(header).__name__)
+    body = len(data) - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ArtifactError(f"tensors.{name}", "dtype, shape and data_offsets", info)
+        if info["dtype"] not in _DTYPES:
+            raise ArtifactError(f"tensors.{name}.dtype", sorted(_DTYPES), info["dtype"])
+        shape, offs = info["shape"], info["data_offsets"]
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
+            raise ArtifactError(f"tensors.{name}", "integer shape and data_offsets", info)
+        need = math.prod(shape) * _DTYPES[info["dtype"]][1]
+        if need > max_bytes:
+            raise ArtifactTooLarge(f"tensors.{name}.shape", f"<= {max_bytes} bytes", f"{shape} ({need} bytes)")
+        if offs[1] - offs[0] != need or not 0 <= offs[0] <= offs[1] <= body:
+            raise ArtifactError(f"tensors.{name}.data_offsets", f"{need} bytes inside the file", offs)
+    return header
+
+
+def read_safetensors(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, torch.Tensor]:
+    """Load safetensors bytes into CPU tensors after `check_safetensors_header` accepted them."""
+    check_safetensors_header(data, max_bytes)
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise ArtifactError("tensors", "a valid safetensors file", str(e)) from None
+
+
+def validate(artifact: PrefixArtifact, fingerprint: dict[str, Any], *, check_hash: bool = True) -> None:
+    """Check an artifact against the loaded base model; raise ArtifactError naming the first mismatch."""
+    m = artifact.manifest
+    for key, want in fingerprint.items():
+        got = m.base_model.get(key)
+        if got != want:
+            raise ArtifactError(f"base_model.{key}", want, got)
+    names = sorted(artifact.tensors)
+    if names != list(KV_TENSORS):
+        raise ArtifactError("tensors", list(KV_TENSORS), names)
+    kv = artifact.kv
+    want_shape = [fingerprint["num_layers"], 2, fingerprint["num_kv_heads"], m.prefix_length,
+                  fingerprint["head_dim"]]
+    if list(kv.shape) != want_shape:
+        raise ArtifactError("tensors.kv.shape", want_shape, list(kv.shape))
+    if m.prefix_length < 1:
+        raise ArtifactError("prefix_length", ">= 1", m.prefix_length)
+    dtype = _DTYPE_NAMES.get(kv.dtype, str(kv.dtype))
+    if dtype != m.dtype:
+        raise ArtifactError("dtype", m.dtype, dtype)
+    if not torch.isfinite(kv).all():
+        bad = int((~torch.isfinite(kv)).sum())
+        raise ArtifactError("tensors.kv", "finite values", f"{bad} NaN/inf values")
+    if check_hash and tensors_sha256(artifact.tensors) != m.sha256:
+        raise ArtifactError("sha256", m.sha256, tensors_sha256(artifact.tensors))
+
+
+def save_dir(artifact: PrefixArtifact, path: str | Path) -> Path:
+    """Write an artifact as a directory: manifest.json + prefix.safetensors."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    manifest, tensors = artifact.to_bytes()
+    (p / TENSORS_FILE).write_bytes(tensors)
+    (p / MANIFEST_FILE).write_bytes(manifest)
+    return p
+
+
+def load_dir(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixArtifact:
+    """Read an artifact directory written by `save_dir` (hash verified)."""
+    p = Path(path)
+    return PrefixArtifact.from_bytes((p / MANIFEST_FILE).read_bytes(), (p / TENSORS_FILE).read_bytes(), max_bytes)

@@ -1,0 +1,135 @@
+"""Import and export of PEFT prompt-learning adapters (bytes in, bytes out; no device code).
+
+PEFT's prefix tuning saves `prompt_embeddings` of shape [num_virtual_tokens, num_layers * 2 * token_dim], where
+token_dim = num_kv_heads * head_dim; it views it as [P, layers*2, kv_heads, head_dim] and permutes to
+[layers*2, kv_heads, P, head_dim] (keys at even, values at odd indices). Our layout
+[layers, 2, kv_heads, P, head_dim] is therefore a pure reshape of PEFT's, and the round trip is bit-exact.
+
+PEFT's prompt tuning saves input embeddings [P, hidden]; turning them into a KV prefix needs the model, so it is
+done by `server.engine.convert.prompt_tuning_to_kv`; this module only reads them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from prefix_store.artifact import DEFAULT_MAX_BYTES, ArtifactError, PrefixArtifact, read_safetensors
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
+SUPPORTED = ("PREFIX_TUNING", "PROMPT_TUNING")
+
+
+@dataclass
+class PeftAdapter:
+    """A parsed PEFT prompt-learning adapter: its config and its one tensor."""
+
+    peft_type: str  # PREFIX_TUNING or PROMPT_TUNING
+    config: dict[str, Any]
+    embeddings: torch.Tensor  # PREFIX_TUNING: [P, layers*2*kv_dim]; PROMPT_TUNING: [P, hidden]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """P."""
+        return int(self.embeddings.shape[0])
+
+
+def is_peft_upload(names: list[str] | set[str]) -> bool:
+    """True when the file names look like a PEFT adapter directory."""
+    return ADAPTER_CONFIG in set(names)
+
+
+def parse_peft(files: dict[str, bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> PeftAdapter:
+    """Parse a PEFT adapter from its files (name -> bytes). Pickle checkpoints are refused, never loaded."""
+    if ADAPTER_CONFIG not in files:
+        raise ArtifactError("files", ADAPTER_CONFIG, sorted(files))
+    if ADAPTER_WEIGHTS not in files:
+        pickles = [n for n in files if n.endswith(_PICKLE_NAMES)]
+        if pickles:
+            raise ArtifactError("files", f"{ADAPTER_WEIGHTS} (safetensors)", f"{pickles}: pickle checkpoints are "
+                                "not loaded; save the adapter with safe_serialization=True")
+        raise ArtifactError("files", ADAPTER_WEIGHTS, sorted(files))
+    try:
+        cfg = json.loads(files[ADAPTER_CONFIG])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(ADAPTER_CONFIG, "valid JSON", f"invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ArtifactError(ADAPTER_CONFIG, "a JSON object", type(cfg).__name__)
+    peft_type = cfg.get("peft_type")
+    if peft_type not in SUPPORTED:
+        raise ArtifactError("adapter_config.peft_type", list(SUPPORTED), peft_type)
+    task_type = cfg.get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):
+        raise ArtifactError("adapter_config.task_type", "CAUSAL_LM", task_type)
+    tensors = read_safetensors(files[ADAPTER_WEIGHTS], max_bytes)
+    key = next((k for k in tensors if k.endswith("prompt_embeddings")), None)
+    if key is None:
+        raise ArtifactError(f"{ADAPTER_WEIGHTS}.keys", "prompt_embeddings", sorted(tensors))
+    emb = tensors[key]
+    if emb.dim() != 2:
+        raise ArtifactError("prompt_embeddings.ndim", 2, emb.dim())
+    n = cfg.get("num_virtual_tokens")
+    if n is not None and n != emb.shape[0] and cfg.get("num_transformer_submodules", 1) == 1:
+        raise ArtifactError("adapter_config.num_virtual_tokens", int(emb.shape[0]), n)
+    if emb.shape[0] < 1:
+        raise ArtifactError("prompt_embeddings.shape[0]", ">= 1", 0)
+    if not torch.isfinite(emb.float()).all():
+        raise ArtifactError("prompt_embeddings", "finite values", "NaN/inf values")
+    return PeftAdapter(peft_type=peft_type, config=cfg, embeddings=emb)
+
+
+def prefix_tuning_to_kv(adapter: PeftAdapter, fingerprint: dict[str, Any]) -> torch.Tensor:
+    """PEFT prefix-tuning embeddings -> our KV layout [layers, 2, kv_heads, P, head_dim] (a pure reshape)."""
+    layers, heads, dim = fingerprint["num_layers"], fingerprint["num_kv_heads"], fingerprint["head_dim"]
+    cfg = adapter.config
+    for key, want in (("num_layers", layers), ("token_dim", heads * dim), ("num_attention_heads", heads)):
+        if cfg.get(key) is not None and cfg[key] != want:
+            raise ArtifactError(f"adapter_config.{key}", want, cfg[key])
+    emb = adapter.embeddings
+    width = layers * 2 * heads * dim
+    if emb.shape[1] != width:
+        raise ArtifactError("prompt_embeddings.shape[1]", f"{width} (layers*2*kv_heads*head_dim)",
+                            int(emb.shape[1]))
+    p = emb.shape[0]
+    # [P, layers*2*kv_dim] -> [P, layers, 2, kv_heads, head_dim] -> [layers, 2, kv_heads, P, head_dim]
+    return emb.view(p, layers, 2, heads, dim).permute(1, 2, 3, 0, 4).contiguous()
+
+
+def export_peft(artifact: PrefixArtifact, base_model_name: str = "") -> dict[str, bytes]:
+    """Our artifact -> a PEFT prefix-tuning adapter directory (file name -> bytes), exactly invertible."""
+    kv = artifact.kv  # [layers, 2, kv_heads, P, head_dim]
+    layers, _, heads, p, dim = kv.shape
+    # [layers, 2, kv_heads, P, head_dim] -> [P, layers, 2, kv_heads, head_dim] -> [P, layers*2*kv_dim]
+    emb = kv.permute(3, 0, 1, 2, 4).reshape(p, layers * 2 * heads * dim).contiguous()
+    cfg = {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": p,
+        "num_layers": layers, "token_dim": heads * dim, "num_attention_heads": heads,
+        "encoder_hidden_size": heads * dim, "prefix_projection": False, "inference_mode": True,
+        "num_transformer_submodules": 1, "base_model_name_or_path": base_model_name,
+        "revision": None, "modules_to_save": None,
+    }
+    return {ADAPTER_CONFIG: json.dumps(cfg, indent=2).encode(),
+            ADAPTER_WEIGHTS: st_save({"prompt_embeddings": emb})}
+
+
+def read_dir(path: str | Path) -> dict[str, bytes]:
+    """Read every regular file of a directory (one level) into memory: name -> bytes."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"not a directory: {p}")
+    return {f.name: f.read_bytes() for f in p.iterdir() if f.is_file()}
+
+
+def write_dir(files: dict[str, bytes], path: str | Path) -> Path:
+    """Write name -> bytes into a directory (created if missing)."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (p / name).write_bytes(data)
+    return p

@@ -1,0 +1,122 @@
+"""The `prefixserve` command line: serve, store management, and (from trainer/) train and evaluate."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from importlib import import_module
+
+from server.settings import Settings
+
+# Modules that add their own subcommands with register(subparsers).
+_PLUGINS = ("server.serve_cli", "trainer.cli")
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None, help="store directory (env PREFIXSERVE_STORE)")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model id or directory (env PREFIXSERVE_MODEL)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    over = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**over)
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    """Validate a PEFT prefix/prompt-tuning adapter against the model and store it under a task name."""
+    from prefix_store.base import open_store, validate_task_name
+    from prefix_store.peft_io import read_dir
+    from server.engine.convert import artifact_from_files
+    from server.engine.model import load_model
+
+    s = _settings(args)
+    validate_task_name(args.task)
+    loaded = load_model(s.model, device=s.device, dtype=s.dtype)
+    art = artifact_from_files(read_dir(args.dir), loaded, max_bytes=s.max_upload_bytes,
+                              description=args.description or "")
+    manifest, tensors = art.to_bytes()
+    stored = asyncio.run(open_store(s.store).put(args.task, art.manifest, tensors))
+    print(json.dumps({"task": args.task, "version": stored.sha256, "prefix_length": stored.prefix_length,
+                      "source": stored.source}))
+    return 0
+
+
+def cmd_export_peft(args: argparse.Namespace) -> int:
+    """Write a stored prefix as a PEFT prefix-tuning adapter directory."""
+    from prefix_store.artifact import PrefixArtifact
+    from prefix_store.base import open_store
+    from prefix_store.peft_io import export_peft, write_dir
+
+    s = _settings(args)
+    manifest, tensors = asyncio.run(open_store(s.store).get(args.task))
+    art = PrefixArtifact.from_bytes(manifest.to_json(), tensors, s.max_upload_bytes)
+    out = write_dir(export_peft(art, base_model_name=s.model), args.out)
+    print(out)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List stored prefixes (one JSON object per line)."""
+    from prefix_store.base import open_store
+
+    s = _settings(args)
+    for name, m in asyncio.run(open_store(s.store).list()).items():
+        print(json.dumps({"task": name, "version": m.sha256, "prefix_length": m.prefix_length,
+                          "source": m.source, "description": m.description}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, including plugin subcommands."""
+    parser = argparse.ArgumentParser(prog="prefixserve", description=__doc__)
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-peft", help="import a PEFT prefix/prompt-tuning adapter into the store")
+    p.add_argument("dir")
+    p.add_argument("--task", required=True)
+    p.add_argument("--description", default=None)
+    _store_arg(p)
+    _model_arg(p)
+    p.set_defaults(func=cmd_import_peft)
+
+    p = sub.add_parser("export-peft", help="export a stored prefix as a PEFT prefix-tuning adapter")
+    p.add_argument("task")
+    p.add_argument("out")
+    _store_arg(p)
+    _model_arg(p)
+    p.set_defaults(func=cmd_export_peft)
+
+    p = sub.add_parser("list", help="list stored prefixes")
+    _store_arg(p)
+    p.set_defaults(func=cmd_list)
+
+    for mod in _PLUGINS:
+        try:
+            module = import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `prefixserve` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        print(f"prefixserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

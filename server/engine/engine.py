@@ -1,0 +1,314 @@
+"""The engine: one thread owns the model and runs schedule -> execute -> update, one decode step at a time.
+
+Requests of any mix of tasks join the running batch between steps (after a prefill forward that places their
+prefix and prompt in their cache row) and leave it as soon as they finish; each row carries its own prefix.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.kv_cache import SlotKVCache
+from server.engine.model import LoadedModel
+from server.engine.prefix_cache import DevicePrefix
+from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Request, RequestHandle,
+                                   TokenEvent)
+from server.engine.sampling import RowSampler, SamplingParams, choose_tokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine limits; the server fills these from its settings."""
+
+    max_batch_size: int = 32
+    max_queue: int = 512
+    max_seq_len: int = 2048  # capped by the model's own context length
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics and benchmarks."""
+
+    steps: int = 0
+    prefill_steps: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0
+    forward_seconds: float = 0.0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Row:
+    handle: RequestHandle
+    sampler: RowSampler
+    length: int  # cache positions filled (prefix + prompt + fed generated tokens)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    @property
+    def request(self) -> Request:
+        return self.handle.request
+
+
+class Engine:
+    """Continuous batching over one frozen model; see the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.loaded, self.model, self.spec = loaded, loaded.model, loaded.spec
+        self.config = config or EngineConfig()
+        self.max_seq_len = min(self.config.max_seq_len, self.spec.max_positions)
+        self.device = loaded.device
+        eos = set(self.config.eos_token_ids)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.eos_token_ids = frozenset(eos)
+        self.cache = SlotKVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
+                                 self.device, loaded.dtype, rows=min(8, self.config.max_batch_size))
+        self._mask_min = torch.finfo(loaded.dtype).min
+        self.rows: list[_Row] = []
+        self._pending: deque[RequestHandle] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ public API
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="prefixserve-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """True while the engine thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel everything queued or running, then stop the thread."""
+        with self._cv:
+            self._stopping = True
+            for h in self._pending:
+                h.cancel()
+            for r in self.rows:
+                r.handle.cancel()
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting to be admitted."""
+        return len(self._pending)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the running batch."""
+        return len(self.rows)
+
+    def check_lengths(self, prompt_len: int, prefix_len: int, max_new_tokens: int) -> None:
+        """Raise ValueError when a request cannot fit the context."""
+        if prompt_len < 1:
+            raise ValueError("inputs must contain at least one token")
+        total = prompt_len + prefix_len + max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"inputs ({prompt_len} tokens) + prefix ({prefix_len}) + max_new_tokens "
+                             f"({max_new_tokens}) = {total} exceeds the maximum sequence length {self.max_seq_len}")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: DevicePrefix | None = None,
+               tag: str = "", loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request. The prefix must be pinned by the caller; the engine releases it when done.
+
+        Raises ValueError for invalid settings, EngineOverloaded when the queue is full, EngineStopped.
+        """
+        params.validate()
+        self.check_lengths(len(prompt_ids), prefix.length if prefix else 0, params.max_new_tokens)
+        if any(not 0 <= t < self.spec.vocab_size for t in prompt_ids):
+            raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        handle = RequestHandle(Request(list(prompt_ids), params, prefix, tag), loop)
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            if len(self._pending) >= self.config.max_queue:
+                raise EngineOverloaded(f"the request queue is full ({self.config.max_queue} waiting)")
+            self._pending.append(handle)
+            self._cv.notify()
+        return handle
+
+    # ------------------------------------------------------------------ loop
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self.rows and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._pending and not self.rows:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never let one bad step kill the server: fail the rows involved
+                logger.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def step(self) -> None:
+        """One iteration: retire cancelled rows, admit + prefill new requests, run one decode step."""
+        self._retire([r for r in self.rows if r.request.cancelled], "cancelled")
+        new = self._admit()
+        if new:
+            self._prefill(new)
+        if self.rows:
+            self._decode()
+
+    def _admit(self) -> list[RequestHandle]:
+        admitted: list[RequestHandle] = []
+        budget = self.config.max_prefill_tokens
+        with self._cv:
+            while self._pending and len(self.rows) + len(admitted) < self.config.max_batch_size:
+                h = self._pending[0]
+                if h.request.cancelled:
+                    self._pending.popleft()
+                    self._finish_unstarted(h, "cancelled")
+                    continue
+                n = len(h.request.prompt_ids)
+                if admitted and n > budget:
+                    break
+                budget -= n
+                admitted.append(self._pending.popleft())
+        return admitted
+
+    def _finish_unstarted(self, h: RequestHandle, reason: str, error: str | None = None) -> None:
+        r = h.request
+        if r.prefix is not None:
+            r.prefix.release()
+        now = time.monotonic()
+        h._finish(GenerationResult([], [], reason, len(r.prompt_ids), r.params.seed,
+                                   r.prefix.version if r.prefix else None, r.submitted_at, None, now, error))
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    # ------------------------------------------------------------------ execute
+    def _forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int) -> torch.Tensor:
+        """Run the model on rows [row_start, row_start+n); return the last column's logits [n, V]."""
+        real = write_pos < self.cache.trash_pos
+        positions = torch.where(real, write_pos, 0)
+        j = torch.arange(kv_len, device=self.device)
+        # [n, 1, q, kv_len]: a query at position s sees keys at positions <= s (its prefix, prompt and past)
+        mask = torch.where(j[None, None, None, :] <= write_pos[:, None, :, None], 0.0, self._mask_min)
+        mask = mask.to(self.loaded.dtype)
+        self.cache.prepare(row_start, write_pos, kv_len)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.stats.forward_seconds += time.perf_counter() - t0
+        return out.logits[:, -1, :]
+
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        n0 = len(self.rows)
+        lengths = [len(h.request.prompt_ids) for h in handles]
+        plens = [h.request.prefix.length if h.request.prefix else 0 for h in handles]
+        need = max(p + n + h.request.params.max_new_tokens for p, n, h in zip(plens, lengths, handles))
+        need = max([need] + [r.length + r.request.params.max_new_tokens - len(r.tokens) for r in self.rows])
+        self.cache.reserve(n0 + len(handles), need, used_len=max([r.length for r in self.rows], default=0))
+        width = max(lengths)
+        ids = torch.zeros(len(handles), width, dtype=torch.long)
+        wpos = torch.full((len(handles), width), self.cache.trash_pos, dtype=torch.long)
+        for i, (h, n, p) in enumerate(zip(handles, lengths, plens)):
+            pad = width - n  # left padding: every row's last prompt token sits in the last column
+            ids[i, pad:] = torch.tensor(h.request.prompt_ids)
+            wpos[i, pad:] = torch.arange(p, p + n)
+            if h.request.prefix is not None:
+                self.cache.write_prefix(n0 + i, h.request.prefix.kv)
+        logits = self._forward(ids.to(self.device), wpos.to(self.device), n0, max(p + n for p, n in zip(plens, lengths)))
+        new_rows = [_Row(h, RowSampler.create(h.request.params, h.request.prompt_ids, self.device), p + n)
+                    for h, p, n in zip(handles, plens, lengths)]
+        self.rows.extend(new_rows)
+        self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += sum(lengths)
+        self._update(new_rows, logits)
+
+    def _decode(self) -> None:
+        rows = self.rows
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        wpos = torch.tensor([[r.length] for r in rows], device=self.device)
+        logits = self._forward(ids, wpos, 0, max(r.length for r in rows) + 1)
+        for r in rows:
+            r.length += 1
+        self.stats.steps += 1
+        self._update(rows, logits)
+
+    # ------------------------------------------------------------------ update
+    def _update(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        tokens, logprobs = choose_tokens(logits, [r.sampler for r in rows])
+        now = time.monotonic()
+        done: dict[str, list[_Row]] = {}
+        for r, t, lp in zip(rows, tokens, logprobs):
+            if r.request.cancelled:
+                done.setdefault("cancelled", []).append(r)
+                continue
+            r.tokens.append(t)
+            r.logprobs.append(lp)
+            if r.first_token_at is None:
+                r.first_token_at = now
+            r.handle._emit(TokenEvent(t, lp, len(r.tokens) - 1))
+            p = r.request.params
+            if t in self.eos_token_ids and not p.ignore_eos:
+                done.setdefault("eos_token", []).append(r)
+            elif t in p.stop_token_ids:
+                done.setdefault("stop_sequence", []).append(r)
+            elif len(r.tokens) >= p.max_new_tokens:
+                done.setdefault("length", []).append(r)
+        self.stats.generated_tokens += sum(1 for r in rows if not r.request.cancelled)
+        for reason, finished in done.items():
+            self._retire(finished, reason)
+
+    def _retire(self, rows: list[_Row], reason: str, error: str | None = None) -> None:
+        """Finish rows and keep the running rows contiguous in the cache (the last row fills each hole)."""
+        now = time.monotonic()
+        for r in rows:
+            i = self.rows.index(r)
+            last = len(self.rows) - 1
+            if i != last:
+                moved = self.rows[last]
+                self.cache.move_row(last, i, moved.length)
+                self.rows[i] = moved
+            self.rows.pop()
+            req = r.request
+            if req.prefix is not None:
+                req.prefix.release()
+            r.handle._finish(GenerationResult(r.tokens, r.logprobs, reason, len(req.prompt_ids), req.params.seed,
+                                              req.prefix.version if req.prefix else None, req.submitted_at,
+                                              r.first_token_at, now, error))
+            self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _fail_all(self, error: str) -> None:
+        self._retire(list(self.rows), "error", error)
+        with self._cv:
+            pending, self._pending = list(self._pending), deque()
+        for h in pending:
+            self._finish_unstarted(h, "error", error)
+
+
+def generate_sync(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                  prefixes: list[DevicePrefix | None] | None = None, timeout: float | None = 600) -> list[GenerationResult]:
+    """Submit many requests to a started engine from a plain thread and wait for all (tests, benchmarks)."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    pre = prefixes or [None] * len(prompts)
+    handles = [engine.submit(p, sp, px, loop=None) for p, sp, px in zip(prompts, plist, pre)]
+    return [h.wait(timeout) for h in handles]

@@ -1,0 +1,127 @@
+"""A preallocated KV cache where each running row owns one batch slot and writes at its own positions.
+
+Row r's slot holds, from position 0: its task's prefix (P_r entries, copied once at admission), its prompt, then
+its generated tokens. A token's cache position is therefore its position id (PEFT's convention: the first input
+token sits at position P_r), and the attention mask of a query at position s is simply "keys at positions <= s".
+Rows of different prefix and prompt lengths share one batch without shifting anything.
+
+The buffers grow by doubling (rows and positions) and are never shrunk; the last position is a write-only "trash"
+slot that receives the keys of left-padding tokens during prefill and is never attended to.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One decoder layer's view of the shared buffers; `update` scatters keys to per-row positions."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: SlotKVCache, layer_idx: int):
+        super().__init__()
+        self.owner, self.layer_idx = owner, layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Buffers are allocated by the owner; nothing to do."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write [n, H, q, D] keys/values at the rows' write positions; return keys/values up to kv_len."""
+        o = self.owner
+        b0, b1 = o.rows
+        kb, vb = o.k[self.layer_idx, b0:b1], o.v[self.layer_idx, b0:b1]  # [n, H, S, D]
+        # advanced indices (rows [n,1], positions [n,q]) around a slice: the indexed view is [n, q, H, D]
+        kb[o.row_index, :, o.write_pos, :] = key_states.transpose(1, 2).to(kb.dtype)
+        vb[o.row_index, :, o.write_pos, :] = value_states.transpose(1, 2).to(vb.dtype)
+        return kb[:, :, : o.kv_len], vb[:, :, : o.kv_len]
+
+    def get_seq_length(self) -> int:
+        """Number of key positions attended in the current step."""
+        return self.owner.kv_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset); unused because the engine always passes a prepared 4D mask."""
+        return self.owner.kv_len, 0
+
+    def get_max_length(self) -> int:
+        """Current capacity in positions (the buffers grow on demand)."""
+        return self.owner.capacity_len
+
+
+class SlotKVCache(Cache):
+    """Buffers k, v: [layers, rows, kv_heads, positions, head_dim] on the model's device."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype, rows: int = 8, positions: int = 256):
+        self._shape = (num_layers, num_kv_heads, head_dim)
+        self.device, self.dtype = device, dtype
+        # [layers, rows, kv_heads, positions, head_dim]
+        self.k = torch.zeros(num_layers, rows, num_kv_heads, positions, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
+        self.rows: tuple[int, int] = (0, 0)
+        self.row_index = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self.write_pos = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self.kv_len = 0
+
+    @property
+    def capacity_rows(self) -> int:
+        """Rows the buffers hold now."""
+        return self.k.shape[1]
+
+    @property
+    def capacity_len(self) -> int:
+        """Positions per row the buffers hold now, the trash slot included."""
+        return self.k.shape[3]
+
+    @property
+    def trash_pos(self) -> int:
+        """The write-only position that left-padding tokens are written to."""
+        return self.capacity_len - 1
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reserve(self, rows: int, length: int, used_len: int) -> None:
+        """Grow (doubling) so that `rows` rows of `length` positions plus the trash slot fit."""
+        want_rows, want_len = self.capacity_rows, self.capacity_len
+        while want_rows < rows:
+            want_rows *= 2
+        while want_len < length + 1:
+            want_len *= 2
+        if (want_rows, want_len) == (self.capacity_rows, self.capacity_len):
+            return
+        layers, heads, dim = self._shape
+        k = torch.zeros(layers, want_rows, heads, want_len, dim, device=self.device, dtype=self.dtype)
+        v = torch.zeros_like(k)
+        n, used = self.capacity_rows, min(used_len, self.capacity_len)
+        k[:, :n, :, :used] = self.k[:, :, :, :used]
+        v[:, :n, :, :used] = self.v[:, :, :, :used]
+        self.k, self.v = k, v
+
+    def write_prefix(self, row: int, kv: torch.Tensor) -> None:
+        """Copy a prefix [layers, 2, kv_heads, P, head_dim] into positions 0..P-1 of a row (once, at admission)."""
+        p = kv.shape[3]
+        self.k[:, row, :, :p] = kv[:, 0]
+        self.v[:, row, :, :p] = kv[:, 1]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` positions into row dst (used to keep running rows contiguous)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def prepare(self, row_start: int, write_pos: torch.Tensor, kv_len: int) -> None:
+        """Set up the next forward: rows [row_start, row_start+n) write at write_pos [n, q]; attend kv_len keys."""
+        n = write_pos.shape[0]
+        self.rows = (row_start, row_start + n)
+        self.row_index = torch.arange(n, device=self.device).unsqueeze(1)  # [n, 1]
+        self.write_pos = write_pos
+        self.kv_len = kv_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of key positions attended in the current step."""
+        return self.kv_len

@@ -1,0 +1,120 @@
+"""The hot tier: prefixes on the model's device, bounded by bytes, least recently used first out.
+
+An entry is pinned while any queued or running request uses it and is never evicted under it. Entries are keyed
+by version (the artifact's sha256), so a re-upload under the same task name is a different entry and rows that
+started on the old version finish on it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from prefix_store.artifact import PrefixArtifact
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class DevicePrefix:
+    """A prefix resident on the model's device: kv [layers, 2, kv_heads, P, head_dim]."""
+
+    version: str
+    kv: torch.Tensor
+    cache: PrefixCache | None = field(default=None, repr=False)
+    pins: int = 0
+
+    @property
+    def length(self) -> int:
+        """Prefix length P."""
+        return int(self.kv.shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held."""
+        return self.kv.numel() * self.kv.element_size()
+
+    def release(self) -> None:
+        """Unpin (called by the engine when the row using it retires)."""
+        if self.cache is not None:
+            self.cache.release(self)
+
+
+@dataclass
+class CacheStats:
+    """Counters exported in /metrics."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class PrefixCache:
+    """LRU of DevicePrefix by bytes; thread-safe (acquired by the API, released by the engine thread)."""
+
+    def __init__(self, capacity_bytes: int, device: torch.device, dtype: torch.dtype):
+        self.capacity_bytes, self.device, self.dtype = capacity_bytes, device, dtype
+        self._entries: OrderedDict[str, DevicePrefix] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = CacheStats()
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes of all resident prefixes."""
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, version: str) -> bool:
+        return version in self._entries
+
+    def acquire(self, version: str, load: Callable[[], PrefixArtifact]) -> DevicePrefix:
+        """Return the pinned device prefix for `version`, calling `load()` (outside the lock) on a miss."""
+        with self._lock:
+            entry = self._entries.get(version)
+            if entry is not None:
+                entry.pins += 1
+                self._entries.move_to_end(version)
+                self.stats.hits += 1
+                return entry
+            self.stats.misses += 1
+        kv = load().kv.to(device=self.device, dtype=self.dtype).contiguous()
+        with self._lock:
+            entry = self._entries.get(version)  # another caller may have loaded it meanwhile
+            if entry is None:
+                entry = DevicePrefix(version, kv, cache=self)
+                self._entries[version] = entry
+            entry.pins += 1
+            self._entries.move_to_end(version)
+            self._evict_locked()
+            return entry
+
+    def release(self, entry: DevicePrefix) -> None:
+        """Unpin an entry; it stays resident until evicted."""
+        with self._lock:
+            entry.pins = max(0, entry.pins - 1)
+            self._evict_locked()
+
+    def drop(self, version: str) -> None:
+        """Forget a version (e.g. deleted); a pinned entry stays usable by its rows until they retire."""
+        with self._lock:
+            entry = self._entries.get(version)
+            if entry is not None and entry.pins == 0:
+                del self._entries[version]
+
+    def _evict_locked(self) -> None:
+        total = sum(e.nbytes for e in self._entries.values())
+        for version in list(self._entries):
+            if total <= self.capacity_bytes:
+                break
+            entry = self._entries[version]
+            if entry.pins == 0:
+                del self._entries[version]
+                total -= entry.nbytes
+                self.stats.evictions += 1

