@@ -33,3 +33,5 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Device bytes for resident prefixes")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted prefix upload")
     log_level: str = Field("info", description="Logging level")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown "
+                                                            "before they are cancelled")

@@ -1,0 +1,52 @@
+"""What the routes depend on: the app's state (model, engine, prefix cache, store, metrics), as named types."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from prefix_store.base import PrefixStore
+from server.api.errors import APIError
+from server.api.metrics import Metrics
+from server.engine.engine import Engine
+from server.engine.model import LoadedModel
+from server.engine.prefix_cache import PrefixCache
+from server.settings import Settings
+
+
+@dataclass
+class AppState:
+    """Everything the lifespan creates; one per app."""
+
+    settings: Settings
+    loaded: LoadedModel
+    engine: Engine
+    cache: PrefixCache
+    store: PrefixStore
+    metrics: Metrics
+
+    @property
+    def model_id(self) -> str:
+        """The base model's public name (a local directory is shown by its last component)."""
+        name = self.loaded.name
+        return Path(name).name if Path(name).is_dir() else name
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer; text routes need one."""
+        if self.loaded.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: text generation is unavailable", "validation")
+        return self.loaded.tokenizer
+
+
+def get_state(request: Request) -> AppState:
+    """The app's state, or 503 while the model is still loading."""
+    state = getattr(request.app.state, "prefixserve", None)
+    if state is None:
+        raise APIError(503, "the server is starting", "unavailable", {"Retry-After": "1"})
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

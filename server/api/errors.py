@@ -1,0 +1,97 @@
+"""Errors as TGI returns them, `{"error": "...", "error_type": "..."}`, and the handlers mapping our exceptions."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prefix_store.artifact import ArtifactError, ArtifactTooLarge
+from prefix_store.base import InvalidTaskName, PrefixNotFound, StoreError
+from server.engine.request import EngineOverloaded, EngineStopped
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 1
+
+
+class APIError(Exception):
+    """An error with its HTTP status and TGI error_type (validation, not_found, overloaded, ...)."""
+
+    def __init__(self, status: int, message: str, error_type: str = "validation",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.headers = status, message, error_type, headers
+
+
+def validation(message: str) -> APIError:
+    """A 422 naming the bad field in its message."""
+    return APIError(422, message, "validation")
+
+
+def error_body(message: str, error_type: str) -> dict[str, str]:
+    """The JSON body of every error (also sent as the last SSE event of a failed stream)."""
+    return {"error": message, "error_type": error_type}
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Map a known exception to its APIError; unknown ones become a 500 (a server fault, never client input)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, PrefixNotFound):
+        return APIError(404, str(exc), "not_found")
+    if isinstance(exc, InvalidTaskName):
+        return APIError(422, f"task: {exc}", "validation")
+    if isinstance(exc, ArtifactTooLarge):
+        return APIError(413, f"{exc} (the limit is set by --max-upload-bytes)", "too_large")
+    if isinstance(exc, ArtifactError):
+        return APIError(422, str(exc), "validation")
+    if isinstance(exc, EngineOverloaded):
+        return APIError(503, str(exc), "overloaded", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc), "unavailable", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, StoreError):
+        return APIError(503, str(exc), "store")
+    logger.error("internal error", exc_info=exc)
+    return APIError(500, f"internal error ({type(exc).__name__})", "internal")
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """A JSONResponse in TGI's error shape for any exception."""
+    err = to_api_error(exc)
+    return JSONResponse(error_body(err.message, err.error_type), status_code=err.status, headers=err.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register handlers so every error leaves in TGI's JSON shape with the right status."""
+
+    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(_validation_message(exc), "validation"), status_code=422)
+
+    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "http"), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def on_known(request: Request, exc: Exception) -> JSONResponse:
+        response = error_response(exc)
+        state = getattr(request.app.state, "prefixserve", None)
+        if state is not None:
+            route = request.scope.get("route")
+            state.metrics.error(getattr(route, "path", "unmatched"), response.status_code)
+        return response
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for cls in (APIError, PrefixNotFound, InvalidTaskName, ArtifactError, EngineOverloaded, EngineStopped,
+                StoreError, Exception):
+        app.add_exception_handler(cls, on_known)

@@ -1,0 +1,118 @@
+"""TGI/LoRAX routes: POST /generate, POST /generate_stream (server-sent events) and the compat route POST /."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.deps import AppState, StateDep
+from server.api.errors import error_body, to_api_error, validation
+from server.api.schemas import (Details, GenerateRequest, GenerateResponse, InputToken, Parameters, StreamDetails,
+                                StreamResponse, Token, tgi_params)
+from server.api.service import Generation, encode, run_or_cancel, start
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["generate (TGI / LoRAX)"])
+
+TaskQuery = Annotated[str | None, Query(description="Task (prefix) name; none = the bare base model")]
+VERSION_HEADER = "X-Prefix-Version"
+
+
+def version_headers(version: str | None) -> dict[str, str]:
+    """The header naming the prefix version that served a response (absent for the base model)."""
+    return {VERSION_HEADER: version} if version else {}
+
+
+def pick_task(query_task: str | None, adapter_id: str | None) -> str | None:
+    """?task= or LoRAX's parameters.adapter_id; both given must agree."""
+    if query_task and adapter_id and query_task != adapter_id:
+        raise validation(f"parameters.adapter_id: {adapter_id!r} differs from ?task={query_task!r}")
+    return query_task or adapter_id or None
+
+
+async def _start(state: AppState, body: GenerateRequest, query_task: str | None, route: str) -> Generation:
+    p = body.parameters or Parameters()
+    params, stops = tgi_params(p, state.settings.max_new_tokens_default)
+    ids = encode(state, body.inputs, truncate=p.truncate)
+    return await start(state, pick_task(query_task, p.adapter_id), ids, params, stops, route)
+
+
+def _details(gen: Generation, p: Parameters) -> Details:
+    r = gen.handle.request
+    prefill = []
+    if p.decoder_input_details:
+        tok = gen.state.tokenizer
+        prefill = [InputToken(id=i, text=tok.decode([i])) for i in r.prompt_ids]
+    return Details(finish_reason=gen.finish_reason, generated_tokens=len(gen.emitted),
+                   prompt_tokens=len(r.prompt_ids), seed=r.params.seed if r.params.do_sample else None,
+                   prefill=prefill, tokens=[Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
+                                            for t in gen.emitted])
+
+
+def _response(gen: Generation, body: GenerateRequest) -> dict[str, Any]:
+    p = body.parameters or Parameters()
+    text = (body.inputs + gen.text) if p.return_full_text else gen.text
+    out = GenerateResponse(generated_text=text, details=_details(gen, p) if p.details else None)
+    return out.model_dump(exclude_none=True)
+
+
+async def _generate_json(state: AppState, body: GenerateRequest, request: Request, task: str | None,
+                         route: str, as_list: bool) -> JSONResponse:
+    gen = await _start(state, body, task, route)
+    await run_or_cancel(request, [gen])
+    out = _response(gen, body)
+    return JSONResponse([out] if as_list else out, headers=version_headers(gen.version))
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event in TGI's framing."""
+    return b"data:" + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _tgi_events(gen: Generation, body: GenerateRequest) -> AsyncIterator[bytes]:
+    p = body.parameters or Parameters()
+    try:
+        async for t in gen.tokens():
+            ev = StreamResponse(index=t.index + 1, token=Token(id=t.id, text=t.text, logprob=t.logprob,
+                                                               special=t.special))
+            if t.last:
+                r = gen.handle.request
+                ev.generated_text = (body.inputs + gen.text) if p.return_full_text else gen.text
+                ev.details = StreamDetails(finish_reason=gen.finish_reason, generated_tokens=len(gen.emitted),
+                                           prompt_tokens=len(r.prompt_ids),
+                                           seed=r.params.seed if r.params.do_sample else None)
+            yield sse(ev.model_dump())
+    except Exception as e:  # the status line is gone: report in the stream, as TGI does
+        err = to_api_error(e)
+        yield sse(error_body(err.message, err.error_type))
+
+
+def stream_response(events: AsyncIterator[bytes], version: str | None) -> StreamingResponse:
+    """A text/event-stream response that is neither buffered nor cached."""
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **version_headers(version)}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+async def generate(body: GenerateRequest, request: Request, state: StateDep, task: TaskQuery = None) -> JSONResponse:
+    """Generate text for `inputs` with the task's prefix (TGI's /generate)."""
+    return await _generate_json(state, body, request, task, "generate", as_list=False)
+
+
+@router.post("/generate_stream", response_class=StreamingResponse)
+async def generate_stream(body: GenerateRequest, state: StateDep, task: TaskQuery = None) -> StreamingResponse:
+    """Generate text as server-sent events, one per token; the last carries generated_text and details."""
+    gen = await _start(state, body, task, "generate_stream")
+    return stream_response(_tgi_events(gen, body), gen.version)
+
+
+@router.post("/")
+async def compat(body: GenerateRequest, request: Request, state: StateDep, task: TaskQuery = None):
+    """TGI's compatibility route used by the text-generation and lorax-client packages (JSON list or SSE)."""
+    if body.stream:
+        gen = await _start(state, body, task, "compat_stream")
+        return stream_response(_tgi_events(gen, body), gen.version)
+    return await _generate_json(state, body, request, task, "compat", as_list=True)

@@ -1,0 +1,33 @@
+"""GET /health (process alive), GET /ready (model loaded, engine running), GET /metrics (Prometheus)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.api.deps import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive (answers even while the model loads)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded and the engine runs; 503 before and during shutdown."""
+    state = getattr(request.app.state, "prefixserve", None)
+    if state is None or not state.engine.running:
+        return JSONResponse({"error": "not ready", "error_type": "unavailable"}, status_code=503,
+                            headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "model": state.model_id, "device": str(state.loaded.device),
+                         "max_seq_len": state.engine.max_seq_len})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus text format: requests, tokens, queue depth, batch size, latencies, prefix cache."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

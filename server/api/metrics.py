@@ -1,0 +1,87 @@
+"""Prometheus metrics of one app (its own registry: no global state), labelled by task."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine
+    from server.engine.prefix_cache import PrefixCache
+
+BASE_LABEL = ":base"  # the task label of requests without a task (':' cannot appear in a task name)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _EngineCollector:
+    """Reads the engine's and the prefix cache's live values at scrape time."""
+
+    def __init__(self, engine: Engine, cache: PrefixCache):
+        self.engine, self.cache = engine, cache
+
+    def collect(self) -> Iterator:
+        e, c = self.engine, self.cache
+        yield GaugeMetricFamily("prefixserve_queue_depth", "Requests waiting for a batch row", value=e.queue_depth)
+        yield GaugeMetricFamily("prefixserve_batch_size", "Rows in the running batch", value=e.batch_size)
+        for f in fields(e.stats):  # every numeric engine counter (steps, tokens, seconds in forwards, ...)
+            value = getattr(e.stats, f.name)
+            if isinstance(value, (int, float)):
+                yield CounterMetricFamily(f"prefixserve_engine_{f.name}", f"Engine counter {f.name}", value=value)
+        finished = CounterMetricFamily("prefixserve_engine_finished", "Requests retired by the engine", labels=["reason"])
+        for reason, n in dict(e.stats.finished).items():
+            finished.add_metric([reason], n)
+        yield finished
+        yield CounterMetricFamily("prefixserve_prefix_cache_hits", "Prefix cache hits", value=c.stats.hits)
+        yield CounterMetricFamily("prefixserve_prefix_cache_misses", "Prefix cache misses", value=c.stats.misses)
+        yield CounterMetricFamily("prefixserve_prefix_cache_evictions", "Prefix cache evictions",
+                                  value=c.stats.evictions)
+        yield GaugeMetricFamily("prefixserve_prefix_cache_bytes", "Device bytes of resident prefixes",
+                                value=c.bytes_used)
+        yield GaugeMetricFamily("prefixserve_prefix_cache_entries", "Resident prefixes", value=len(c))
+
+
+class Metrics:
+    """Request, token and latency metrics; `render()` gives the Prometheus text format."""
+
+    def __init__(self, engine: Engine, cache: PrefixCache):
+        disable_created_metrics()  # no *_created series: they double the exposition for no use here
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("prefixserve_requests", "Finished generation requests",
+                                ["task", "route", "finish_reason"], registry=r)
+        self.errors = Counter("prefixserve_request_errors", "Requests refused or failed", ["route", "status"],
+                              registry=r)
+        self.prompt_tokens = Counter("prefixserve_prompt_tokens", "Prompt tokens", ["task"], registry=r)
+        self.generated_tokens = Counter("prefixserve_generated_tokens", "Generated tokens", ["task"], registry=r)
+        self.ttft = Histogram("prefixserve_time_to_first_token_seconds", "Submit to first token", ["task"],
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("prefixserve_time_per_output_token_seconds", "Mean time between tokens after the "
+                              "first, per request", ["task"], buckets=_TPOT_BUCKETS, registry=r)
+        self.latency = Histogram("prefixserve_request_seconds", "Submit to last token", ["task"], registry=r)
+        r.register(_EngineCollector(engine, cache))
+
+    def observe(self, task: str | None, route: str, finish_reason: str, prompt_tokens: int, generated: int,
+                submitted_at: float, first_token_at: float | None, finished_at: float) -> None:
+        """Record one finished request."""
+        label = task or BASE_LABEL
+        self.requests.labels(label, route, finish_reason).inc()
+        self.prompt_tokens.labels(label).inc(prompt_tokens)
+        self.generated_tokens.labels(label).inc(generated)
+        self.latency.labels(label).observe(finished_at - submitted_at)
+        if first_token_at is not None:
+            self.ttft.labels(label).observe(first_token_at - submitted_at)
+            if generated > 1:
+                self.tpot.labels(label).observe((finished_at - first_token_at) / (generated - 1))
+
+    def error(self, route: str, status: int) -> None:
+        """Count a refused or failed request."""
+        self.errors.labels(route, str(status)).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)

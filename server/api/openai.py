@@ -1,0 +1,268 @@
+"""OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (model = task)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
+
+from server.api.deps import AppState, StateDep
+from server.api.errors import error_body, to_api_error, validation
+from server.api.generate import stream_response
+from server.api.schemas import Lenient, check_stops, sampling_params
+from server.api.service import Generation, TokenOut, encode, run_or_cancel, start_many
+from server.engine.sampling import SamplingParams
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+FINGERPRINT = "prefixserve-0.1.0"
+_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+MAX_CHOICES = 64
+
+
+class StreamOptions(Lenient):
+    """OpenAI's stream_options."""
+
+    include_usage: bool | None = None
+
+
+class _Common(Lenient):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = Field(None, description="Task name, or the base model's id (or empty) for no task")
+    max_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default)")
+    temperature: float | None = Field(None, description="Default 1 (sampling); 0 means greedy")
+    top_p: float | None = None
+    n: int | None = Field(None, description="Choices per prompt")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # accepted with neutral values only
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+    best_of: int | None = None
+    tools: Any = None
+    response_format: Any = None
+
+
+class CompletionRequest(_Common):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="Prompt(s): text or token ids")
+    echo: bool | None = Field(None, description="Prepend the prompt to the text")
+    suffix: str | None = None
+
+
+class ChatMessage(Lenient):
+    """One chat message; content as a string or a list of text parts."""
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+def _check_neutral(r: _Common) -> None:
+    checks = [("presence_penalty", not r.presence_penalty), ("frequency_penalty", not r.frequency_penalty),
+              ("logit_bias", not r.logit_bias), ("logprobs", r.logprobs in (None, False, 0)),
+              ("top_logprobs", not r.top_logprobs), ("best_of", r.best_of in (None, 1)), ("tools", not r.tools),
+              ("response_format", r.response_format in (None, {"type": "text"}))]
+    bad = next((name for name, ok in checks if not ok), None)
+    if bad:
+        raise validation(f"{bad}: not supported by this server")
+    if r.n is not None and not 1 <= r.n <= MAX_CHOICES:
+        raise validation(f"n: must be in [1, {MAX_CHOICES}]")
+
+
+def _task(state: AppState, model: str | None) -> str | None:
+    return None if model in (None, "", state.model_id, state.loaded.name) else model
+
+
+def _params(state: AppState, r: _Common, max_tokens: int | None) -> tuple[list[SamplingParams], list[str]]:
+    """One SamplingParams per choice (choice i of a seeded sampling request uses seed + i)."""
+    _check_neutral(r)
+    temperature = 1.0 if r.temperature is None else r.temperature
+    base = sampling_params(max_tokens, state.settings.max_new_tokens_default, do_sample=temperature > 0,
+                           temperature=temperature, top_p=r.top_p, seed=r.seed, prefix="")
+    stops = check_stops([r.stop] if isinstance(r.stop, str) else r.stop, "stop")
+    out = []
+    for i in range(r.n or 1):
+        sp = SamplingParams(**{**base.__dict__})
+        if sp.do_sample and sp.seed is not None:
+            sp.seed = (sp.seed + i) % 2**63
+        out.append(sp)
+    return out, stops
+
+
+def _prompts(state: AppState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [encode(state, prompt, field="prompt")]
+    if not prompt:
+        raise validation("prompt: must not be empty")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [encode(state, p, field="prompt") if isinstance(p, str) else list(p) for p in prompt]
+
+
+async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, TokenOut]]:
+    """Interleave the tokens of several generations as they arrive; errors end the stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, g: Generation) -> None:
+        try:
+            async for t in g.tokens():
+                queue.put_nowait((i, t, None))
+            queue.put_nowait((i, None, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, t, err = await queue.get()
+            if err is not None:
+                raise err
+            if t is None:
+                remaining -= 1
+            else:
+                yield i, t
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(gens: list[Generation]) -> dict[str, int]:
+    prompt = sum(len(g.handle.request.prompt_ids) for g in gens)
+    done = sum(len(g.emitted) for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def _headers(gens: list[Generation]) -> dict[str, str]:
+    return {"X-Prefix-Version": gens[0].version} if gens and gens[0].version else {}
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _openai_stream(gens: list[Generation], head: dict[str, Any], choice, usage: bool) -> AsyncIterator[bytes]:
+    """SSE chunks: choice(index, token) builds each choice; a final usage chunk when asked; then [DONE]."""
+    try:
+        async for i, t in merged(gens):
+            c = choice(i, t)
+            if c is not None:
+                yield _data({**head, "choices": [c]})
+        if usage:
+            yield _data({**head, "choices": [], "usage": _usage(gens)})
+    except Exception as e:
+        err = to_api_error(e)
+        yield _data(error_body(err.message, err.error_type))
+    yield b"data: [DONE]\n\n"
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, state: StateDep):
+    """OpenAI completions: `model` is the task; `prompt` a string or a list; n, stop, seed, stream."""
+    if body.suffix:
+        raise validation("suffix: not supported by this server")
+    params, stops = _params(state, body, body.max_tokens)
+    prompts = _prompts(state, body.prompt)
+    task = _task(state, body.model)
+    jobs = [(task, ids, sp, stops) for ids in prompts for sp in params]
+    gens = await start_many(state, jobs, "v1_completions")
+    echo = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in params]
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
+    if body.stream:
+        sent = set()
+
+        def choice(i: int, t: TokenOut) -> dict[str, Any] | None:
+            text = t.visible if i in sent else echo[i] + t.visible
+            sent.add(i)
+            reason = _FINISH.get(gens[i].finish_reason) if t.last else None
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return stream_response(_openai_stream(gens, head, choice, usage), gens[0].version)
+    await run_or_cancel(request, gens)
+    choices = [{"index": i, "text": echo[i] + g.text, "logprobs": None,
+                "finish_reason": _FINISH.get(g.finish_reason, g.finish_reason)} for i, g in enumerate(gens)]
+    return JSONResponse({**head, "choices": choices, "usage": _usage(gens)}, headers=_headers(gens))
+
+
+def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
+    tok = state.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise validation("model: the base model has no chat template; use /v1/completions")
+    if not messages:
+        raise validation("messages: must not be empty")
+    convo = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+        convo.append({"role": m.role, "content": content or ""})
+    try:
+        text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # a template may reject roles or orders (jinja raises its own errors)
+        raise validation(f"messages: the chat template refused them ({e})") from None
+    ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes any BOS itself
+    if not ids:
+        raise validation("messages: the chat template produced no tokens")
+    return ids
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, state: StateDep):
+    """OpenAI chat completions for models with a chat template; `model` is the task."""
+    params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens)
+    ids = _chat_prompt(state, body.messages)
+    gens = await start_many(state, [(_task(state, body.model), ids, sp, stops) for sp in params], "v1_chat")
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
+    if body.stream:
+        head["object"] = "chat.completion.chunk"
+        started = set()
+
+        def choice(i: int, t: TokenOut) -> dict[str, Any] | None:
+            delta: dict[str, Any] = {"content": t.visible}
+            if i not in started:
+                started.add(i)
+                delta["role"] = "assistant"
+            reason = _FINISH.get(gens[i].finish_reason) if t.last else None
+            if not t.visible and reason is None and "role" not in delta:
+                return None
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return stream_response(_openai_stream(gens, head, choice, usage), gens[0].version)
+    await run_or_cancel(request, gens)
+    choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
+                "finish_reason": _FINISH.get(g.finish_reason, g.finish_reason)} for i, g in enumerate(gens)]
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": _usage(gens)},
+                        headers=_headers(gens))
+
+
+@router.get("/models")
+async def models(state: StateDep) -> dict[str, Any]:
+    """The base model and every stored task (use a task's id as `model`)."""
+    base = state.model_id
+    data = [{"id": base, "object": "model", "created": 0, "owned_by": "prefixserve"}]
+    for name, m in (await state.store.list()).items():
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": "prefixserve", "root": base,
+                     "parent": base, "version": m.sha256})
+    return {"object": "list", "data": data}

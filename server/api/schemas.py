@@ -1,0 +1,172 @@
+"""Request and response bodies of the TGI/LoRAX routes. Unknown fields are ignored and null means the default,
+because the `text-generation` and `lorax-client` packages send every field they know."""
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.api.errors import validation
+from server.engine.sampling import SamplingParams
+
+MAX_STOP_SEQUENCES = 16
+
+
+class Lenient(BaseModel):
+    """Ignores unknown fields; refuses NaN and infinity."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class Parameters(Lenient):
+    """TGI's `parameters` (plus LoRAX's adapter_id, ignore_eos_token)."""
+
+    max_new_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default)")
+    do_sample: bool | None = Field(None, description="Sample instead of greedy (implied by temperature/top_k/top_p)")
+    temperature: float | None = Field(None, description="Softmax temperature; 0 means greedy")
+    top_k: int | None = Field(None, description="Keep the k most likely tokens")
+    top_p: float | None = Field(None, description="Nucleus sampling mass")
+    repetition_penalty: float | None = Field(None, description="HF repetition penalty (1 = off)")
+    seed: int | None = Field(None, description="Seed of the row's own generator")
+    stop: list[str] | None = Field(None, description="Stop strings (removed from the text)")
+    details: bool | None = Field(None, description="Return finish reason, tokens and logprobs")
+    decoder_input_details: bool | None = Field(None, description="Also return the prompt tokens (no logprobs)")
+    return_full_text: bool | None = Field(None, description="Prepend the inputs to generated_text")
+    truncate: int | None = Field(None, description="Keep only the last N input tokens")
+    adapter_id: str | None = Field(None, description="The task (LoRAX's name for it); same as ?task=")
+    ignore_eos_token: bool | None = Field(None, description="Keep generating after the EOS token")
+    # Accepted so clients can send them; only their neutral values are allowed.
+    best_of: int | None = None
+    typical_p: float | None = None
+    watermark: bool | None = None
+    top_n_tokens: int | None = None
+    return_k_alternatives: int | None = None
+    frequency_penalty: float | None = None
+    grammar: Any = None
+    response_format: Any = None
+    merged_adapters: Any = None
+
+
+class GenerateRequest(Lenient):
+    """TGI's body: `{"inputs": "...", "parameters": {...}}` (and `stream` on the compat route)."""
+
+    inputs: str = Field(..., description="The prompt")
+    parameters: Parameters | None = None
+    stream: bool | None = Field(None, description="Compat route only: answer with server-sent events")
+
+
+def _unsupported(p: Parameters) -> str | None:
+    checks = [
+        ("best_of", p.best_of in (None, 1)),
+        ("typical_p", p.typical_p is None or p.typical_p >= 1.0),
+        ("watermark", not p.watermark),
+        ("top_n_tokens", not p.top_n_tokens),
+        ("return_k_alternatives", not p.return_k_alternatives),
+        ("frequency_penalty", not p.frequency_penalty),
+        ("grammar", p.grammar is None),
+        ("response_format", p.response_format is None),
+        ("merged_adapters", p.merged_adapters is None),
+    ]
+    return next((name for name, ok in checks if not ok), None)
+
+
+def check_stops(stops: list[str] | None, field: str) -> list[str]:
+    """Validate stop strings: at most MAX_STOP_SEQUENCES, none empty."""
+    stops = list(stops or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise validation(f"{field}: at most {MAX_STOP_SEQUENCES} stop sequences")
+    if any(not s for s in stops):
+        raise validation(f"{field}: stop sequences must be non-empty strings")
+    return stops
+
+
+def sampling_params(max_new_tokens: int | None, default_max: int, *, do_sample: bool | None = None,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                    repetition_penalty: float | None = None, seed: int | None = None,
+                    ignore_eos: bool | None = None, prefix: str = "parameters.") -> SamplingParams:
+    """Build validated SamplingParams. As in TGI, temperature/top_k/top_p imply sampling; temperature 0 is greedy."""
+    greedy_temp = temperature == 0
+    sample = bool(do_sample) or (temperature not in (None, 1.0) and not greedy_temp) or bool(top_k) \
+        or (top_p is not None and top_p < 1.0)
+    sp = SamplingParams(
+        max_new_tokens=default_max if max_new_tokens is None else max_new_tokens,
+        do_sample=sample and not greedy_temp,
+        temperature=1.0 if temperature in (None, 0) else temperature,
+        top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        seed=seed, ignore_eos=bool(ignore_eos))
+    if sp.do_sample and sp.seed is None:
+        sp.seed = secrets.randbits(63)  # drawn here so the response can report it (TGI's details.seed)
+    try:
+        sp.validate()
+    except ValueError as e:
+        raise validation(f"{prefix}{e}") from None
+    return sp
+
+
+def tgi_params(p: Parameters, default_max: int) -> tuple[SamplingParams, list[str]]:
+    """TGI parameters -> (SamplingParams, stop strings); 422 naming the field when a value is refused."""
+    bad = _unsupported(p)
+    if bad:
+        raise validation(f"parameters.{bad}: not supported by this server (leave it null)")
+    if p.truncate is not None and p.truncate < 1:
+        raise validation("parameters.truncate: must be >= 1")
+    sp = sampling_params(p.max_new_tokens, default_max, do_sample=p.do_sample, temperature=p.temperature,
+                         top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed,
+                         ignore_eos=p.ignore_eos_token)
+    return sp, check_stops(p.stop, "parameters.stop")
+
+
+# ---------------------------------------------------------------- responses (TGI's shapes)
+class Token(BaseModel):
+    """One generated token."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class InputToken(BaseModel):
+    """One prompt token (no logprob: the engine does not score prompts)."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+class Details(BaseModel):
+    """`details` of /generate."""
+
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None = None
+    prefill: list[InputToken] = []
+    tokens: list[Token] = []
+
+
+class GenerateResponse(BaseModel):
+    """Body of /generate."""
+
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    """`details` of the last stream event."""
+
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int
+    seed: int | None = None
+
+
+class StreamResponse(BaseModel):
+    """One server-sent event of /generate_stream."""
+
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None

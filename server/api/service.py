@@ -1,0 +1,210 @@
+"""Between the routes and the engine: resolve a task to a pinned device prefix, submit, and follow the tokens
+as text (stop strings, detokenisation, metrics). No model work here: only `engine.submit` and awaits."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from prefix_store.artifact import PrefixArtifact, validate
+from prefix_store.base import validate_task_name
+from server.api.deps import AppState
+from server.api.errors import APIError, validation
+from server.api.text import IncrementalDecoder, StopMatcher
+from server.engine.prefix_cache import DevicePrefix
+from server.engine.request import GenerationResult, RequestHandle
+from server.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+async def acquire_prefix(state: AppState, task: str | None) -> DevicePrefix | None:
+    """The pinned device prefix serving `task` now (None for the base model); the caller must release it."""
+    if not task:
+        return None
+    validate_task_name(task)
+    manifest = await state.store.get_manifest(task)  # PrefixNotFound -> 404
+    if manifest.sha256 in state.cache:
+        try:
+            return state.cache.acquire(manifest.sha256, _no_load)
+        except LookupError:  # evicted between the check and the acquire: load it below
+            pass
+    manifest, tensors = await state.store.get(task)
+    max_bytes = state.settings.max_upload_bytes
+    fp = state.loaded.spec.fingerprint()
+
+    def load() -> PrefixArtifact:
+        art = PrefixArtifact.from_bytes(manifest.to_json(), tensors, max_bytes)
+        validate(art, fp)  # a prefix imported for another base model is refused here
+        return art
+
+    return await asyncio.to_thread(state.cache.acquire, manifest.sha256, load)
+
+
+def _no_load() -> PrefixArtifact:
+    raise LookupError("evicted")
+
+
+def encode(state: AppState, text: str, *, field: str = "inputs", truncate: int | None = None) -> list[int]:
+    """Tokenise a prompt (with the tokenizer's default special tokens); keep the last `truncate` tokens."""
+    if not isinstance(text, str) or not text:
+        raise validation(f"{field}: must be a non-empty string")
+    ids = state.tokenizer(text)["input_ids"]
+    if truncate is not None:
+        ids = ids[-truncate:]
+    if not ids:
+        raise validation(f"{field}: must contain at least one token")
+    return ids
+
+
+@dataclass
+class TokenOut:
+    """One generated token as the routes see it."""
+
+    id: int
+    logprob: float
+    text: str  # the token's own text (TGI's token.text)
+    special: bool
+    visible: str  # text to show now: stop strings removed and possible stop prefixes held back
+    index: int
+    last: bool = False  # the final token: finish_reason and text are settled
+
+
+@dataclass
+class Generation:
+    """One submitted request followed as text; iterate `tokens()`, then read `text`, `finish_reason`, `result`."""
+
+    state: AppState
+    handle: RequestHandle
+    task: str | None
+    route: str
+    version: str | None
+    stops: list[str]
+    decoder: IncrementalDecoder = field(init=False)
+    matcher: StopMatcher = field(init=False)
+    emitted: list[TokenOut] = field(default_factory=list)
+    result: GenerationResult | None = None
+    finish_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.decoder = IncrementalDecoder(self.state.tokenizer)
+        self.matcher = StopMatcher(self.stops)
+
+    @property
+    def text(self) -> str:
+        """The generated text so far (stop string and what follows it removed)."""
+        return self.matcher.text
+
+    async def tokens(self) -> AsyncIterator[TokenOut]:
+        """Yield tokens until the request ends or a stop string appears; the last one has `last` set.
+
+        The end is known from the token itself (max_new_tokens reached, EOS, stop string), so the final event
+        needs no look-ahead. A request that ends otherwise (cancelled, engine error) raises APIError.
+        """
+        params = self.handle.request.params
+        eos = self.state.engine.eos_token_ids
+        try:
+            async for ev in self.handle.stream():
+                special = ev.token_id in self.decoder.special
+                visible = self.matcher.feed(self.decoder.add(ev.token_id))
+                tok = TokenOut(ev.token_id, ev.logprob, self.decoder.token_text(ev.token_id), special, visible,
+                               ev.index)
+                self.emitted.append(tok)
+                if self.matcher.stopped:
+                    self.handle.cancel()
+                    self._settle("stop_sequence")
+                elif ev.index + 1 >= params.max_new_tokens:
+                    self._settle("length")
+                elif ev.token_id in eos and not params.ignore_eos:
+                    self._settle("eos_token")
+                tok.last = bool(self.finish_reason)
+                yield tok
+                if tok.last:
+                    break
+            self.result = await self.handle.result()
+        finally:
+            if self.result is None:  # the consumer went away (client disconnect): free the row now
+                self.handle.cancel()
+        r = self.result
+        self.state.metrics.observe(self.task, self.route, self.finish_reason or r.finish_reason, r.prompt_tokens,
+                                   len(self.emitted), r.submitted_at, r.first_token_at, r.finished_at)
+        if not self.finish_reason:
+            self._settle(r.finish_reason)
+            if r.finish_reason == "error":
+                raise APIError(500, f"generation failed: {r.error}", "generation")
+            if r.finish_reason == "cancelled":
+                raise APIError(503, "the request was cancelled (the server is shutting down)", "unavailable",
+                               {"Retry-After": "1"})
+
+    def _settle(self, reason: str) -> None:
+        """Fix the finish reason and flush the text still held back into the last token's `visible`."""
+        self.finish_reason = reason
+        if not self.matcher.stopped:
+            tail = self.matcher.feed(self.decoder.flush())
+            tail += self.matcher.flush()
+            if tail and self.emitted:
+                self.emitted[-1].visible += tail
+
+    async def run(self) -> Generation:
+        """Consume every token."""
+        async for _ in self.tokens():
+            pass
+        return self
+
+
+async def start(state: AppState, task: str | None, prompt_ids: list[int], params: SamplingParams,
+                stops: list[str], route: str) -> Generation:
+    """Acquire the task's prefix and submit; on any refusal the prefix is released and the error raised."""
+    prefix = await acquire_prefix(state, task)
+    try:
+        handle = state.engine.submit(prompt_ids, params, prefix, tag=task or "")
+    except ValueError as e:
+        if prefix is not None:
+            prefix.release()
+        raise validation(str(e)) from None
+    except BaseException:
+        if prefix is not None:
+            prefix.release()
+        raise
+    return Generation(state, handle, task, route, prefix.version if prefix else None, stops)
+
+
+async def start_many(state: AppState, jobs: list[tuple[str | None, list[int], SamplingParams, list[str]]],
+                     route: str) -> list[Generation]:
+    """Submit several requests all or nothing: if one is refused, the ones already queued are cancelled."""
+    gens: list[Generation] = []
+    try:
+        for task, ids, params, stops in jobs:
+            gens.append(await start(state, task, ids, params, stops, route))
+    except BaseException:
+        for g in gens:
+            g.handle.cancel()
+        raise
+    return gens
+
+
+async def until_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the request body must already be read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_or_cancel(request: Request, gens: list[Generation]) -> list[Generation]:
+    """Run generations to the end; if the client goes away first, cancel them so their rows are freed."""
+    work = asyncio.ensure_future(asyncio.gather(*(g.run() for g in gens)))
+    watch = asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not work.done():
+        for g in gens:
+            g.handle.cancel()
+        work.cancel()
+        raise APIError(499, "client disconnected", "cancelled")
+    return work.result()

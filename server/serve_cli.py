@@ -1,0 +1,53 @@
+"""`prefixserve serve`: one flag per Settings field (each also the env var PREFIXSERVE_<FIELD>), then uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+import types
+import typing
+from typing import Any
+
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _flag_type(annotation: Any) -> Any:
+    """The argparse type of a Settings field (`int | None` -> int)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if isinstance(annotation, types.UnionType) and args else annotation
+    return base if base in (int, float, str) else str
+
+
+def add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """--<field> for every Settings field; unset flags leave the env var / default in charge."""
+    for name, f in Settings.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(f.annotation),
+                       default=argparse.SUPPRESS, help=f"{f.description} (env PREFIXSERVE_{name.upper()})")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags given."""
+    over = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**over)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Build the app and serve it with uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from server.app import create_app
+
+    s = settings_from_args(args)
+    logging.getLogger().setLevel(s.log_level.upper())
+    config = uvicorn.Config(create_app(s), host=s.host, port=s.port, log_level=s.log_level.lower(),
+                            timeout_graceful_shutdown=int(s.shutdown_timeout) or None, access_log=False)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the `serve` subcommand to the `prefixserve` CLI."""
+    p = sub.add_parser("serve", help="start the HTTP server", description=__doc__)
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
