@@ -55,8 +55,10 @@ def _details(gen: Generation, p: Parameters) -> Details:
 def _response(gen: Generation, body: GenerateRequest) -> dict[str, Any]:
     p = body.parameters or Parameters()
     text = (body.inputs + gen.text) if p.return_full_text else gen.text
-    out = GenerateResponse(generated_text=text, details=_details(gen, p) if p.details else None)
-    return out.model_dump(exclude_none=True)
+    out: dict[str, Any] = {"generated_text": text}
+    if p.details:
+        out["details"] = _details(gen, p).model_dump()
+    return out
 
 
 async def _generate_json(state: AppState, body: GenerateRequest, request: Request, task: str | None,
