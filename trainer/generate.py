@@ -1,0 +1,77 @@
+"""Decoding for evaluation: greedy and beam search, with an optional KV prefix served as the engine serves it.
+
+One input at a time (beam search runs its beams as the batch). The prefix sits at cache positions 0..P-1 and the
+prompt starts at position P, exactly as in training and in the server.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.methods import prefix_cache
+
+
+def _step(model: nn.Module, ids: torch.Tensor, cache, start: int, total: int) -> torch.Tensor:
+    """Run ids [n, L] at positions start.. with `total` attended positions; return last log-probs [n, V]."""
+    n, length = ids.shape
+    pos = torch.arange(start, start + length, device=ids.device).unsqueeze(0).expand(n, -1)  # [n, L]
+    mask = torch.ones(n, total, dtype=torch.long, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt_ids: list[int], kv: torch.Tensor | None, stop_ids: set[int],
+             num_beams: int = 1, max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[int]:
+    """Generated token ids (stop token excluded). num_beams=1 is greedy; beams are ranked by logprob/len**lp."""
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    p = 0 if kv is None else kv.shape[3]
+    cache = prefix_cache(model, kv.to(dev), 1) if kv is not None else DynamicCache(config=model.config)
+    ids = torch.tensor([prompt_ids], device=dev)
+    cur = p + len(prompt_ids)
+    logp = _step(model, ids, cache, p, cur)  # [1, V]
+    seqs: list[list[int]] = [[]]
+    scores = torch.zeros(1, device=dev)
+    finished: list[tuple[float, list[int]]] = []
+    for _ in range(max_new_tokens):
+        cand = (scores[:, None] + logp).flatten()  # [n * V]
+        top_s, top_i = cand.topk(min(2 * num_beams, cand.numel()))
+        vocab = logp.shape[1]
+        keep_beam, keep_tok, keep_s = [], [], []
+        for s, i in zip(top_s.tolist(), top_i.tolist()):
+            beam, tok = divmod(i, vocab)
+            if tok in stop_ids:
+                finished.append((s / max(len(seqs[beam]) + 1, 1) ** length_penalty, seqs[beam]))
+                if num_beams == 1:
+                    break
+            else:
+                keep_beam.append(beam), keep_tok.append(tok), keep_s.append(s)
+            if len(keep_beam) == num_beams:
+                break
+        if num_beams == 1 and finished:
+            break
+        if len(finished) >= num_beams:
+            best_alive = max(keep_s) / (len(seqs[0]) + 1) ** length_penalty if keep_s else float("-inf")
+            if best_alive < sorted(f[0] for f in finished)[-num_beams]:
+                break
+        if not keep_beam:
+            break
+        seqs = [seqs[b] + [t] for b, t in zip(keep_beam, keep_tok)]
+        scores = torch.tensor(keep_s, device=dev)
+        cache.reorder_cache(torch.tensor(keep_beam, device=dev))
+        cur += 1
+        logp = _step(model, torch.tensor(keep_tok, device=dev)[:, None], cache, cur - 1, cur)
+    else:  # length limit: unfinished beams compete with the finished ones
+        finished += [(s / max(len(q), 1) ** length_penalty, q) for s, q in zip(scores.tolist(), seqs)]
+    return max(finished, key=lambda f: f[0])[1] if finished else seqs[0]
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """EOS plus every token whose text contains a newline (outputs are one line)."""
+    ids = {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
