@@ -1,0 +1,136 @@
+"""`prefixserve train` and `prefixserve evaluate` (also runnable as `python -m trainer.cli`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trainer.methods import METHODS, MethodConfig
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a task prefix (or a baseline) on a data set")
+    p.add_argument("--method", choices=METHODS, default="prefix")
+    p.add_argument("--model", default="embedded", help="embedded, a local directory or a hub id")
+    p.add_argument("--data", required=True, help="e2e, webnlg, or a JSONL/CSV file with input/output columns")
+    p.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
+    p.add_argument("--epochs", type=float, default=5.0)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=5)
+    p.add_argument("--prefix-length", type=int, default=10)
+    p.add_argument("--mid-dim", type=int, default=512)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--init", choices=("random", "words"), default="random")
+    p.add_argument("--init-text", default="table-to-text:")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--max-train", type=int, default=0, help="subsample this many training pairs (seeded)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--push", metavar="URL", help="upload the prefix to a running server (needs --task)")
+    p.add_argument("--task", help="the prefix name on the server")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="decode a data split and score it (BLEU, NIST, METEOR, ROUGE-L, CIDEr)")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=("test", "valid"), default="test")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prefix", help="native prefix artifact directory, or a training run directory")
+    src.add_argument("--lora", help="a LoRA adapter directory (run_dir/lora)")
+    src.add_argument("--finetuned", help="a fine-tuned model directory (run_dir/model)")
+    p.add_argument("--shots", type=int, default=0, help="untuned model: number of training examples in the prompt")
+    p.add_argument("--instruction", default=None, help="untuned model: task description (default: a built-in one)")
+    p.add_argument("--beams", type=int, default=5, help="1 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-inputs", type=int, default=0, help="score a seeded random subset of distinct inputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="write predictions.jsonl and metrics.json here")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train` and `evaluate` subcommands to the prefixserve CLI."""
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run `prefixserve train`."""
+    from server.engine.model import load_model
+    from trainer.data import load_data
+    from trainer.loop import TrainConfig, train
+
+    if args.push and not args.task:
+        print("--push needs --task NAME", file=sys.stderr)
+        return 2
+    mcfg = MethodConfig(method=args.method, prefix_length=args.prefix_length, mid_dim=args.mid_dim,
+                        dropout=args.dropout, init=args.init, init_text=args.init_text)
+    cfg = TrainConfig(method=mcfg, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+                      batch_size=args.batch_size, warmup_steps=args.warmup_steps, max_len=args.max_len,
+                      max_train=args.max_train, eval_every=args.eval_every, save_every=args.save_every,
+                      seed=args.seed)
+    loaded = load_model(args.model, device=args.device, dtype="float32")
+    data = load_data(args.data, seed=args.seed)
+    s = train(loaded, data, cfg, args.out)
+    print(f"trainable parameters: {s['trained_params']:,} ({100 * s['trained_share']:.4f}% of "
+          f"{s['base_params']:,}); stored in the artifact: {s['stored_params']:,} ({100 * s['stored_share']:.4f}%)")
+    print(f"{s['steps']} steps in {s['train_seconds']:.0f} s; outputs in {args.out}")
+    if args.push:
+        from trainer.push import push_prefix
+
+        print(json.dumps(push_prefix(Path(args.out) / "prefix", args.push, args.task)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run `prefixserve evaluate`."""
+    import torch
+
+    from server.engine.model import load_model
+    from trainer.data import load_data
+    from trainer.evaluate import DEFAULT_INSTRUCTION, evaluate, load_prefix
+
+    loaded = load_model(args.finetuned or args.model, device=args.device, dtype="float32")
+    if args.finetuned:  # the fine-tuned weights; keep the tokenizer of the base model when the run saved none
+        base = load_model(args.model, device=args.device, dtype="float32") if loaded.tokenizer is None else loaded
+        loaded.tokenizer = base.tokenizer
+    model, kv = loaded.model, None
+    if args.prefix:
+        kv = load_prefix(args.prefix, loaded)
+    elif args.lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(loaded.model, args.lora)
+    data = load_data(args.data, seed=args.seed)
+    examples = data.test if args.split == "test" else data.valid
+    untuned = not (args.prefix or args.lora or args.finetuned)
+    instruction = args.instruction if args.instruction is not None else (DEFAULT_INSTRUCTION if untuned else "")
+    shots = data.train[:: max(1, len(data.train) // max(args.shots, 1))][:args.shots] if args.shots else []
+    with torch.inference_mode():
+        r = evaluate(loaded, model, kv, examples, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                     max_inputs=args.max_inputs, seed=args.seed, shots=shots, instruction=instruction,
+                     out=args.out)
+    print(json.dumps(r, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: `python -m trainer.cli train|evaluate ...`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="prefixserve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

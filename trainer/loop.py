@@ -1,0 +1,241 @@
+"""The training loop: tokenise, batch, optimise, log, checkpoint (resumable), plot, export.
+
+Outputs in the run directory: metrics.jsonl (one JSON object per logged step / validation), checkpoint.pt (the
+trainable state, optimiser, scheduler, step and RNG; resumed automatically), loss.png, summary.json and, for the
+prefix methods, prefix/ (the native artifact the server loads) and peft/ (the same prefix as a PEFT adapter).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from prefix_store.artifact import PrefixArtifact, build_artifact, save_dir
+from prefix_store.peft_io import export_peft, write_dir
+from server.engine.model import LoadedModel
+from trainer.data import DataSplits, Example, prompt_for
+from trainer.methods import PREFIX_METHODS, MethodConfig, TaskModel, parameter_counts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved in summary.json and the manifest)."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    epochs: float = 5.0
+    max_steps: int = 0  # 0: no limit besides epochs
+    lr: float = 5e-5
+    batch_size: int = 5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_len: int = 128  # tokens per example (prompt + target); longer examples are cut
+    max_train: int = 0  # 0: all training pairs; else a seeded random subsample of pairs
+    max_valid: int = 200
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python and torch."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def subsample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """A seeded random subset of n examples (all when n <= 0 or n >= len)."""
+    if n <= 0 or n >= len(examples):
+        return list(examples)
+    return random.Random(seed).sample(examples, n)
+
+
+def encode(tokenizer, examples: list[Example], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(token ids, labels) per example: the prompt as the server tokenises it, then target + EOS; prompt labels -100."""
+    out = []
+    for e in examples:
+        prompt = tokenizer(prompt_for(e.input))["input_ids"]
+        target = tokenizer(e.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + target)[:max_len]
+        out.append((ids, ([-100] * len(prompt) + target)[:max_len]))
+    return out
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, attention mask and labels, each [B, L]."""
+    n = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], mask[i, :len(x)], labels[i, :len(y)] = torch.tensor(x), 1, torch.tensor(y)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions (logits [B, L, V], labels [B, L])."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+
+
+@torch.no_grad()
+def validation_loss(task: TaskModel, rows: list, batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean loss on validation rows (eval mode)."""
+    was = task.training
+    task.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        ids, mask, labels = collate(rows[i:i + batch_size], pad_id, task.loaded.device)
+        n = int((labels[:, 1:] != -100).sum())
+        total += lm_loss(task(ids, mask), labels).item() * n
+        count += n
+    task.train(was)
+    return total / max(count, 1)
+
+
+def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))  # linear decay, as in the paper
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _trainable_state(task: TaskModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in task.named_parameters() if p.requires_grad}
+
+
+def _batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Path,
+          progress: bool = True) -> dict:
+    """Train one method on `data`, writing the run directory `out`; returns the summary dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    train_ex = subsample(data.train, cfg.max_train, cfg.seed)
+    rows = encode(loaded.tokenizer, train_ex, cfg.max_len)
+    valid_rows = encode(loaded.tokenizer, subsample(data.valid, cfg.max_valid, cfg.seed), cfg.max_len)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
+    task = TaskModel(loaded, cfg.method)
+    counts = parameter_counts(task)
+    logger.info("trainable parameters: %d (%.4f%% of the base model); stored: %d (%.4f%%)",
+                counts["trained_params"], 100 * counts["trained_share"], counts["stored_params"],
+                100 * counts["stored_share"])
+    params = task.trainable_parameters()
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = int(cfg.epochs * steps_per_epoch)
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg.warmup_steps, total)
+    step, elapsed, ckpt = 0, 0.0, out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=loaded.device, weights_only=False)
+        named = dict(task.named_parameters())
+        for n, t in state["params"].items():
+            named[n].data.copy_(t)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d", ckpt, step)
+    log = open(out / "metrics.jsonl", "a")
+    task.train()
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.method.method}")
+    t0 = time.perf_counter() - elapsed
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        idx = _batches_for_epoch(len(rows), cfg.batch_size, cfg.seed, epoch)[k]
+        ids, mask, labels = collate([rows[i] for i in idx], pad, loaded.device)
+        loss = lm_loss(task(ids, mask), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.log_every == 0 or step == 1:
+            log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
+                                  "lr": sched.get_last_lr()[0], "time": time.perf_counter() - t0}) + "\n")
+        if valid_rows and (step % cfg.eval_every == 0 or step == total):
+            vl = validation_loss(task, valid_rows, cfg.batch_size * 2, pad)
+            log.write(json.dumps({"step": step, "valid_loss": vl, "time": time.perf_counter() - t0}) + "\n")
+        log.flush()
+        if step % cfg.save_every == 0 or step == total:
+            torch.save({"params": _trainable_state(task), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "elapsed": time.perf_counter() - t0, "rng": torch.get_rng_state()}, ckpt)
+    bar.close()
+    log.close()
+    train_time = time.perf_counter() - t0
+    task.eval()
+    summary = {"config": asdict(cfg), "data": data.name, "model": loaded.name, "train_pairs": len(rows),
+               "steps": step, "steps_per_epoch": steps_per_epoch, "train_seconds": train_time,
+               "seconds_per_epoch": train_time / max(step / steps_per_epoch, 1e-9), **counts}
+    save_outputs(task, data, cfg, out, summary)
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def save_outputs(task: TaskModel, data: DataSplits, cfg: TrainConfig, out: Path, summary: dict) -> None:
+    """Prefix methods: native artifact in out/prefix and PEFT adapter in out/peft; LoRA: adapter; finetune: model."""
+    if cfg.method.method in PREFIX_METHODS:
+        art = make_artifact(task, data, summary)
+        save_dir(art, out / "prefix")
+        write_dir(export_peft(art, task.loaded.name), out / "peft")
+    elif cfg.method.method == "lora":
+        task.model.save_pretrained(out / "lora")
+    else:
+        task.model.save_pretrained(out / "model")
+
+
+def make_artifact(task: TaskModel, data: DataSplits, summary: dict) -> PrefixArtifact:
+    """The servable artifact for a prefix method, with the training recipe in the manifest."""
+    kv = task.prefix_kv()
+    c = summary["config"]
+    desc = (f"{c['method']['method']} on {data.name} ({summary['train_pairs']} training pairs, {summary['steps']} "
+            f"steps, batch {c['batch_size']}, lr {c['lr']}, prefix length {c['method']['prefix_length']}, "
+            f"seed {c['seed']}) for {task.loaded.name}")
+    extra = {k: summary[k] for k in ("steps", "train_pairs", "train_seconds", "trained_params", "stored_params")}
+    return build_artifact(kv, task.loaded.spec.fingerprint(), description=desc, source=f"trainer:{c['method']['method']}",
+                          input_format=data.input_format, extra={"training": extra, "config": c})
+
+
+def plot_losses(metrics_file: Path, png: Path) -> None:
+    """Training and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train")
+    if va:
+        ax.plot(*zip(*va), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
