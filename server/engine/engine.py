@@ -43,7 +43,9 @@ class EngineStats:
     prefill_steps: int = 0
     generated_tokens: int = 0
     prefill_tokens: int = 0
-    forward_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # time in prefill forwards
+    decode_seconds: float = 0.0  # time in decode forwards
+    decode_row_steps: int = 0  # sum over decode steps of the rows in the batch
     finished: dict[str, int] = field(default_factory=dict)
 
 
@@ -203,8 +205,9 @@ class Engine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     # ------------------------------------------------------------------ execute
-    def _forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int) -> torch.Tensor:
-        """Run the model on rows [row_start, row_start+n); return the last column's logits [n, V]."""
+    def _forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int,
+                 ) -> tuple[torch.Tensor, float]:
+        """Run the model on rows [row_start, row_start+n); return the last column's logits [n, V] and seconds."""
         real = write_pos < self.cache.trash_pos
         positions = torch.where(real, write_pos, 0)
         j = torch.arange(kv_len, device=self.device)
@@ -216,8 +219,7 @@ class Engine:
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.stats.forward_seconds += time.perf_counter() - t0
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :], time.perf_counter() - t0
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
         n0 = len(self.rows)
@@ -235,7 +237,9 @@ class Engine:
             wpos[i, pad:] = torch.arange(p, p + n)
             if h.request.prefix is not None:
                 self.cache.write_prefix(n0 + i, h.request.prefix.kv)
-        logits = self._forward(ids.to(self.device), wpos.to(self.device), n0, max(p + n for p, n in zip(plens, lengths)))
+        logits, seconds = self._forward(ids.to(self.device), wpos.to(self.device), n0,
+                                        max(p + n for p, n in zip(plens, lengths)))
+        self.stats.prefill_seconds += seconds
         new_rows = [_Row(h, RowSampler.create(h.request.params, h.request.prompt_ids, self.device), p + n)
                     for h, p, n in zip(handles, plens, lengths)]
         self.rows.extend(new_rows)
@@ -247,10 +251,12 @@ class Engine:
         rows = self.rows
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         wpos = torch.tensor([[r.length] for r in rows], device=self.device)
-        logits = self._forward(ids, wpos, 0, max(r.length for r in rows) + 1)
+        logits, seconds = self._forward(ids, wpos, 0, max(r.length for r in rows) + 1)
         for r in rows:
             r.length += 1
         self.stats.steps += 1
+        self.stats.decode_seconds += seconds
+        self.stats.decode_row_steps += len(rows)
         self._update(rows, logits)
 
     # ------------------------------------------------------------------ update
