@@ -32,6 +32,7 @@ class EngineConfig:
     max_queue: int = 512
     max_seq_len: int = 2048  # capped by the model's own context length
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step
+    kv_cache_bytes: int = 4 * 2**30  # bound on the slot KV cache; admission waits rather than exceed it
     eos_token_ids: tuple[int, ...] = ()
 
 
@@ -76,7 +77,8 @@ class Engine:
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_token_ids = frozenset(eos)
         self.cache = SlotKVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
-                                 self.device, loaded.dtype, rows=min(8, self.config.max_batch_size))
+                                 self.device, loaded.dtype, max_rows=self.config.max_batch_size,
+                                 max_len=self.max_seq_len + 1)
         self._mask_min = torch.finfo(loaded.dtype).min
         self.rows: list[_Row] = []
         self._pending: deque[RequestHandle] = deque()
@@ -129,6 +131,11 @@ class Engine:
         if total > self.max_seq_len:
             raise ValueError(f"inputs ({prompt_len} tokens) + prefix ({prefix_len}) + max_new_tokens "
                              f"({max_new_tokens}) = {total} exceeds the maximum sequence length {self.max_seq_len}")
+        alone = (total + 1) * self.cache.bytes_per_position
+        if alone > self.config.kv_cache_bytes:
+            raise ValueError(f"inputs ({prompt_len} tokens) + prefix ({prefix_len}) + max_new_tokens "
+                             f"({max_new_tokens}) need {alone} bytes of KV cache, more than the "
+                             f"{self.config.kv_cache_bytes} configured")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: DevicePrefix | None = None,
                tag: str = "", loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -177,10 +184,19 @@ class Engine:
             self._prefill(new)
         if self.rows:
             self._decode()
+        if not self.rows and not self._pending:
+            self.cache.shrink()  # idle: give the memory of the last burst back
+
+    @staticmethod
+    def _final_length(h: RequestHandle) -> int:
+        r = h.request
+        return (r.prefix.length if r.prefix else 0) + len(r.prompt_ids) + r.params.max_new_tokens
 
     def _admit(self) -> list[RequestHandle]:
+        """Take queued requests (FIFO) while rows, the prefill budget and the KV-cache budget allow."""
         admitted: list[RequestHandle] = []
         budget = self.config.max_prefill_tokens
+        longest = max((r.length + r.request.params.max_new_tokens - len(r.tokens) for r in self.rows), default=0)
         with self._cv:
             while self._pending and len(self.rows) + len(admitted) < self.config.max_batch_size:
                 h = self._pending[0]
@@ -191,7 +207,13 @@ class Engine:
                 n = len(h.request.prompt_ids)
                 if admitted and n > budget:
                     break
+                want = max(longest, self._final_length(h))
+                busy = bool(self.rows or admitted)
+                if busy and self.cache.planned_bytes(len(self.rows) + len(admitted) + 1, want) \
+                        > self.config.kv_cache_bytes:
+                    break  # wait for running rows to finish rather than exceed the KV budget
                 budget -= n
+                longest = want
                 admitted.append(self._pending.popleft())
         return admitted
 
@@ -225,8 +247,8 @@ class Engine:
         n0 = len(self.rows)
         lengths = [len(h.request.prompt_ids) for h in handles]
         plens = [h.request.prefix.length if h.request.prefix else 0 for h in handles]
-        need = max(p + n + h.request.params.max_new_tokens for p, n, h in zip(plens, lengths, handles))
-        need = max([need] + [r.length + r.request.params.max_new_tokens - len(r.tokens) for r in self.rows])
+        need = max([self._final_length(h) for h in handles]
+                   + [r.length + r.request.params.max_new_tokens - len(r.tokens) for r in self.rows])
         self.cache.reserve(n0 + len(handles), need, used_len=max([r.length for r in self.rows], default=0))
         width = max(lengths)
         ids = torch.zeros(len(handles), width, dtype=torch.long)

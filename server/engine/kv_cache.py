@@ -5,8 +5,9 @@ its generated tokens. A token's cache position is therefore its position id (PEF
 token sits at position P_r), and the attention mask of a query at position s is simply "keys at positions <= s".
 Rows of different prefix and prompt lengths share one batch without shifting anything.
 
-The buffers grow by doubling (rows and positions) and are never shrunk; the last position is a write-only "trash"
-slot that receives the keys of left-padding tokens during prefill and is never attended to.
+The buffers grow by doubling (rows and positions), never past `max_rows` rows and `max_len` positions, and go back
+to their initial size when the engine is idle; the last position is a write-only "trash" slot that receives the
+keys of left-padding tokens during prefill and is never attended to.
 """
 from __future__ import annotations
 
@@ -55,12 +56,15 @@ class SlotKVCache(Cache):
     """Buffers k, v: [layers, rows, kv_heads, positions, head_dim] on the model's device."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                 dtype: torch.dtype, rows: int = 8, positions: int = 256):
+                 dtype: torch.dtype, max_rows: int, max_len: int, rows: int = 1, positions: int = 256):
         self._shape = (num_layers, num_kv_heads, head_dim)
         self.device, self.dtype = device, dtype
-        # [layers, rows, kv_heads, positions, head_dim]
-        self.k = torch.zeros(num_layers, rows, num_kv_heads, positions, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.max_rows, self.max_len = max_rows, max_len
+        self._initial = (min(rows, max_rows), min(positions, max_len))
+        # bytes of keys + values for one position of one row, all layers
+        self.bytes_per_position = 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        self.k = self.v = torch.empty(0)
+        self._allocate(*self._initial)
         super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
         self.rows: tuple[int, int] = (0, 0)
         self.row_index = torch.zeros(0, 1, dtype=torch.long, device=device)
@@ -86,22 +90,44 @@ class SlotKVCache(Cache):
         """Bytes held by the key and value buffers."""
         return 2 * self.k.numel() * self.k.element_size()
 
-    def reserve(self, rows: int, length: int, used_len: int) -> None:
-        """Grow (doubling) so that `rows` rows of `length` positions plus the trash slot fit."""
+    def _allocate(self, rows: int, length: int) -> None:
+        layers, heads, dim = self._shape
+        # [layers, rows, kv_heads, positions, head_dim]
+        self.k = torch.zeros(layers, rows, heads, length, dim, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def planned_shape(self, rows: int, length: int) -> tuple[int, int]:
+        """(rows, positions) the buffers would have after `reserve(rows, length)`: doubled, capped."""
         want_rows, want_len = self.capacity_rows, self.capacity_len
         while want_rows < rows:
-            want_rows *= 2
+            want_rows = min(want_rows * 2, self.max_rows)
         while want_len < length + 1:
-            want_len *= 2
-        if (want_rows, want_len) == (self.capacity_rows, self.capacity_len):
+            want_len = min(want_len * 2, self.max_len)
+        if want_rows < rows or want_len < length + 1:
+            raise ValueError(f"{rows} rows of {length} positions exceed the cache limits "
+                             f"({self.max_rows} rows, {self.max_len - 1} positions)")
+        return want_rows, want_len
+
+    def planned_bytes(self, rows: int, length: int) -> int:
+        """Bytes the buffers would take after `reserve(rows, length)`."""
+        r, n = self.planned_shape(rows, length)
+        return r * n * self.bytes_per_position
+
+    def reserve(self, rows: int, length: int, used_len: int) -> None:
+        """Grow so that `rows` rows of `length` positions plus the trash slot fit, keeping what is stored."""
+        want = self.planned_shape(rows, length)
+        if want == (self.capacity_rows, self.capacity_len):
             return
-        layers, heads, dim = self._shape
-        k = torch.zeros(layers, want_rows, heads, want_len, dim, device=self.device, dtype=self.dtype)
-        v = torch.zeros_like(k)
-        n, used = self.capacity_rows, min(used_len, self.capacity_len)
-        k[:, :n, :, :used] = self.k[:, :, :, :used]
-        v[:, :n, :, :used] = self.v[:, :, :, :used]
-        self.k, self.v = k, v
+        old_k, old_v = self.k, self.v
+        self._allocate(*want)
+        n, used = old_k.shape[1], min(used_len, old_k.shape[3] - 1)
+        self.k[:, :n, :, :used] = old_k[:, :, :, :used]
+        self.v[:, :n, :, :used] = old_v[:, :, :, :used]
+
+    def shrink(self) -> None:
+        """Return to the initial size (only call with no running rows)."""
+        if (self.capacity_rows, self.capacity_len) != self._initial:
+            self._allocate(*self._initial)
 
     def write_prefix(self, row: int, kv: torch.Tensor) -> None:
         """Copy a prefix [layers, 2, kv_heads, P, head_dim] into positions 0..P-1 of a row (once, at admission)."""

@@ -112,3 +112,21 @@ def test_repetition_penalty_matches_hf_generate(kind, loaded):
     assert h.wait(0).token_ids == ref[0, 1:].tolist()
     if kind == "gpt2":  # on this model the penalty changes the greedy output, so the equality above means something
         assert h.wait(0).token_ids != run_alone(engine, PROMPTS[2], None, 16)
+
+
+def test_kv_cache_is_bounded_and_shrinks_when_idle(loaded):
+    per_pos = 2 * loaded.spec.num_layers * loaded.spec.kv_dim * 4
+    # room for 2 rows of 64 positions (doubling from 256 is capped at max_seq_len + 1 = 65)
+    engine = Engine(loaded, EngineConfig(max_batch_size=8, max_seq_len=64, kv_cache_bytes=2 * 65 * per_pos))
+    with pytest.raises(ValueError, match="bytes of KV cache"):
+        Engine(loaded, EngineConfig(kv_cache_bytes=10 * per_pos)).submit([1] * 5, SamplingParams(max_new_tokens=5))
+    hs = [engine.submit(PROMPTS[i % 5], SamplingParams(max_new_tokens=40, ignore_eos=True)) for i in range(4)]
+    engine.step()
+    assert engine.batch_size == 2 and engine.queue_depth == 2  # the budget admits two rows, the rest wait
+    assert engine.cache.capacity_len == 65 and engine.cache.nbytes() <= 2 * 65 * per_pos
+    while not all(h.done for h in hs):
+        engine.step()
+        assert engine.cache.nbytes() <= 2 * 65 * per_pos
+    assert [h.wait(0).token_ids for h in hs] == [run_alone(Engine(loaded), PROMPTS[i % 5], None, 40)
+                                                 for i in range(4)]
+    assert engine.cache.capacity_rows == 1 and engine.cache.capacity_len == 65  # idle: back to the start size
