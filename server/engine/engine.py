@@ -81,6 +81,7 @@ class Engine:
                                  max_len=self.max_seq_len + 1)
         self._mask_min = torch.finfo(loaded.dtype).min
         self.rows: list[_Row] = []
+        self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
         self._pending: deque[RequestHandle] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -101,13 +102,9 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything queued or running, then stop the thread."""
+        """Cancel everything queued or running (at the next step), then stop the thread."""
         with self._cv:
             self._stopping = True
-            for h in self._pending:
-                h.cancel()
-            for r in self.rows:
-                r.handle.cancel()
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -178,10 +175,17 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: retire cancelled rows, admit + prefill new requests, run one decode step."""
+        if self._stopping:  # shutting down: everything still here ends as cancelled
+            for r in self.rows:
+                r.request.cancelled = True
+            with self._cv:
+                for h in self._pending:
+                    h.request.cancelled = True
         self._retire([r for r in self.rows if r.request.cancelled], "cancelled")
-        new = self._admit()
-        if new:
-            self._prefill(new)
+        self._admitting = self._admit()
+        if self._admitting:
+            self._prefill(self._admitting)
+        self._admitting = []
         if self.rows:
             self._decode()
         if not self.rows and not self._pending:
@@ -326,7 +330,12 @@ class Engine:
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     def _fail_all(self, error: str) -> None:
+        running = {id(r.handle) for r in self.rows}
         self._retire(list(self.rows), "error", error)
+        for h in self._admitting:  # failed during their prefill, before they became rows
+            if id(h) not in running and not h.done:
+                self._finish_unstarted(h, "error", error)
+        self._admitting = []
         with self._cv:
             pending, self._pending = list(self._pending), deque()
         for h in pending:

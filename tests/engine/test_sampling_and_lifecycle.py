@@ -130,3 +130,36 @@ def test_kv_cache_is_bounded_and_shrinks_when_idle(loaded):
     assert [h.wait(0).token_ids for h in hs] == [run_alone(Engine(loaded), PROMPTS[i % 5], None, 40)
                                                  for i in range(4)]
     assert engine.cache.capacity_rows == 1 and engine.cache.capacity_len == 65  # idle: back to the start size
+
+
+def test_failed_step_fails_its_requests_and_the_engine_goes_on(loaded, monkeypatch):
+    engine = Engine(loaded)
+    engine.start()
+    try:
+        real = engine._forward
+        calls = {"n": 0}
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("device lost")
+            return real(*a, **k)
+
+        monkeypatch.setattr(engine, "_forward", flaky)
+        h = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=4))  # fails in its prefill
+        r = h.wait(30)
+        assert r.finish_reason == "error" and "device lost" in r.error
+        ok = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=4, ignore_eos=True)).wait(30)
+        assert ok.finish_reason == "length" and len(ok.token_ids) == 4
+    finally:
+        engine.stop()
+    assert not engine.running
+
+
+def test_stop_cancels_running_and_queued(loaded):
+    engine = Engine(loaded, EngineConfig(max_batch_size=1))
+    engine.start()
+    hs = [engine.submit(PROMPTS[i], SamplingParams(max_new_tokens=400, ignore_eos=True)) for i in range(3)]
+    engine.stop(timeout=30)
+    assert not engine.running
+    assert all(h.wait(0).finish_reason == "cancelled" for h in hs)
