@@ -93,7 +93,7 @@ def bench_model(name: str, loaded, args, peak: float, tmp: Path) -> dict:
     one_task = [Job(j.prompt, 0) for j in jobs]
     engine = Engine(loaded, EngineConfig(max_batch_size=max(64, args.requests)))
     engine.start()
-    run_engine(engine, jobs[:8], prefixes, 4)  # warm-up: allocate the cache, touch every code path
+    run_engine(engine, jobs, prefixes, 4)  # warm-up: grow the cache to 32 rows, touch every code path
     out: dict = {"model": loaded.name, "flops_per_token": fpt, "params": sum(p.numel() for p in loaded.model.parameters())}
     best = lambda f: min((f() for _ in range(args.repeats)), key=lambda r: r["wall_s"])  # noqa: E731
     out["engine_mixed"] = best(lambda: run_engine(engine, jobs, prefixes, args.new_tokens))
