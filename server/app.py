@@ -30,7 +30,8 @@ def build_state(settings: Settings) -> AppState:
     eos = (loaded.tokenizer.eos_token_id,) if getattr(loaded.tokenizer, "eos_token_id", None) is not None else ()
     engine = Engine(loaded, EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                          max_seq_len=settings.max_seq_len,
-                                         max_prefill_tokens=settings.max_prefill_tokens, eos_token_ids=eos))
+                                         max_prefill_tokens=settings.max_prefill_tokens,
+                                         kv_cache_bytes=settings.kv_cache_bytes, eos_token_ids=eos))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
     engine.start()
     logger.info("serving %s on %s (%s), store %s, max batch %d", settings.model, loaded.device, loaded.dtype,

@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="Rows in the running batch")
     max_queue: int = Field(512, ge=1, description="Requests waiting for a row before new ones get 503")
     max_seq_len: int = Field(2048, ge=16, description="Longest prefix + prompt + generation per row")
-    max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one step")
+    max_prefill_tokens: int = Field(512, ge=1, description="Prompt tokens prefilled per engine step; longer "
+                                                           "prompts are prefilled in chunks between decode steps")
+    kv_cache_bytes: int = Field(4 * 2**30, ge=2**20, description="Bound on the KV cache of running rows; "
+                                                                 "admission waits rather than exceed it")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request does not say")
     prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Device bytes for resident prefixes")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted prefix upload")

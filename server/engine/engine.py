@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.batch import Row, RunningBatch
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model import LoadedModel
 from server.engine.prefix_cache import DevicePrefix
@@ -31,7 +32,7 @@ class EngineConfig:
     max_batch_size: int = 32
     max_queue: int = 512
     max_seq_len: int = 2048  # capped by the model's own context length
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (long prompts are prefilled in chunks)
     kv_cache_bytes: int = 4 * 2**30  # bound on the slot KV cache; admission waits rather than exceed it
     eos_token_ids: tuple[int, ...] = ()
 
@@ -50,20 +51,6 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(eq=False)
-class _Row:
-    handle: RequestHandle
-    sampler: RowSampler
-    length: int  # cache positions filled (prefix + prompt + fed generated tokens)
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    first_token_at: float | None = None
-
-    @property
-    def request(self) -> Request:
-        return self.handle.request
-
-
 class Engine:
     """Continuous batching over one frozen model; see the module docstring."""
 
@@ -80,7 +67,7 @@ class Engine:
                                  self.device, loaded.dtype, max_rows=self.config.max_batch_size,
                                  max_len=self.max_seq_len + 1)
         self._mask_min = torch.finfo(loaded.dtype).min
-        self.rows: list[_Row] = []
+        self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
         self._pending: deque[RequestHandle] = deque()
         self._cv = threading.Condition()
@@ -117,8 +104,13 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
-        """Rows in the running batch."""
-        return len(self.rows)
+        """Rows in the running batch (decoding or still prefilling)."""
+        return len(self.batch)
+
+    @property
+    def rows(self) -> list[Row]:
+        """The decoding rows, in cache-row order."""
+        return self.batch.decoding
 
     def check_lengths(self, prompt_len: int, prefix_len: int, max_new_tokens: int) -> None:
         """Raise ValueError when a request cannot fit the context."""
@@ -163,9 +155,9 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self.rows and not self._stopping:
+                while not self._pending and not len(self.batch) and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._pending and not self.rows:
+                if self._stopping and not self._pending and not len(self.batch):
                     return
             try:
                 self.step()
@@ -174,21 +166,25 @@ class Engine:
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def step(self) -> None:
-        """One iteration: retire cancelled rows, admit + prefill new requests, run one decode step."""
+        """One iteration: retire cancelled rows, admit, prefill a chunk of prompts, one decode step for the rest."""
         if self._stopping:  # shutting down: everything still here ends as cancelled
-            for r in self.rows:
+            for r in self.batch.all_rows():
                 r.request.cancelled = True
             with self._cv:
                 for h in self._pending:
                     h.request.cancelled = True
-        self._retire([r for r in self.rows if r.request.cancelled], "cancelled")
+        self._retire([r for r in self.batch.all_rows() if r.request.cancelled], "cancelled")
         self._admitting = self._admit()
-        if self._admitting:
-            self._prefill(self._admitting)
+        for h in self._admitting:
+            r = h.request
+            self.batch.add(Row(h, RowSampler.create(r.params, r.prompt_ids, self.device),
+                               length=r.prefix.length if r.prefix else 0))
         self._admitting = []
-        if self.rows:
+        if self.batch.prefilling:
+            self._prefill_chunk()
+        if self.batch.decoding:
             self._decode()
-        if not self.rows and not self._pending:
+        if not len(self.batch) and not self._pending:
             self.cache.shrink()  # idle: give the memory of the last burst back
 
     @staticmethod
@@ -197,26 +193,21 @@ class Engine:
         return (r.prefix.length if r.prefix else 0) + len(r.prompt_ids) + r.params.max_new_tokens
 
     def _admit(self) -> list[RequestHandle]:
-        """Take queued requests (FIFO) while rows, the prefill budget and the KV-cache budget allow."""
+        """Take queued requests (FIFO) while rows and the KV-cache budget allow."""
         admitted: list[RequestHandle] = []
-        budget = self.config.max_prefill_tokens
-        longest = max((r.length + r.request.params.max_new_tokens - len(r.tokens) for r in self.rows), default=0)
+        longest = self.batch.longest()
         with self._cv:
-            while self._pending and len(self.rows) + len(admitted) < self.config.max_batch_size:
+            while self._pending and len(self.batch) + len(admitted) < self.config.max_batch_size:
                 h = self._pending[0]
                 if h.request.cancelled:
                     self._pending.popleft()
                     self._finish_unstarted(h, "cancelled")
                     continue
-                n = len(h.request.prompt_ids)
-                if admitted and n > budget:
-                    break
                 want = max(longest, self._final_length(h))
-                busy = bool(self.rows or admitted)
-                if busy and self.cache.planned_bytes(len(self.rows) + len(admitted) + 1, want) \
+                busy = bool(len(self.batch) or admitted)
+                if busy and self.cache.planned_bytes(len(self.batch) + len(admitted) + 1, want) \
                         > self.config.kv_cache_bytes:
                     break  # wait for running rows to finish rather than exceed the KV budget
-                budget -= n
                 longest = want
                 admitted.append(self._pending.popleft())
         return admitted
@@ -247,34 +238,36 @@ class Engine:
                              past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :], time.perf_counter() - t0
 
-    def _prefill(self, handles: list[RequestHandle]) -> None:
-        n0 = len(self.rows)
-        lengths = [len(h.request.prompt_ids) for h in handles]
-        plens = [h.request.prefix.length if h.request.prefix else 0 for h in handles]
-        need = max([self._final_length(h) for h in handles]
-                   + [r.length + r.request.params.max_new_tokens - len(r.tokens) for r in self.rows])
-        self.cache.reserve(n0 + len(handles), need, used_len=max([r.length for r in self.rows], default=0))
-        width = max(lengths)
-        ids = torch.zeros(len(handles), width, dtype=torch.long)
-        wpos = torch.full((len(handles), width), self.cache.trash_pos, dtype=torch.long)
-        for i, (h, n, p) in enumerate(zip(handles, lengths, plens)):
-            pad = width - n  # left padding: every row's last prompt token sits in the last column
-            ids[i, pad:] = torch.tensor(h.request.prompt_ids)
-            wpos[i, pad:] = torch.arange(p, p + n)
-            if h.request.prefix is not None:
-                self.cache.write_prefix(n0 + i, h.request.prefix.kv)
-        logits, seconds = self._forward(ids.to(self.device), wpos.to(self.device), n0,
-                                        max(p + n for p, n in zip(plens, lengths)))
+    def _prefill_chunk(self) -> None:
+        """Feed the prefilling rows up to max_prefill_tokens prompt tokens (FIFO); promote rows that are done."""
+        rows = list(self.batch.prefilling)
+        budget, chunks = self.config.max_prefill_tokens, []
+        for r in rows:
+            chunks.append(min(r.prompt_left, budget))
+            budget -= chunks[-1]
+        width = max(chunks)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        wpos = torch.full((len(rows), width), self.cache.trash_pos, dtype=torch.long)
+        for i, (r, c) in enumerate(zip(rows, chunks)):
+            if c:  # left padding: every row's last token of this chunk sits in the last column
+                ids[i, width - c:] = torch.tensor(r.request.prompt_ids[r.prompt_done:r.prompt_done + c])
+                wpos[i, width - c:] = torch.arange(r.length, r.length + c)
+        logits, seconds = self._forward(ids.to(self.device), wpos.to(self.device), len(self.batch.decoding),
+                                        max(r.length + c for r, c in zip(rows, chunks)))
         self.stats.prefill_seconds += seconds
-        new_rows = [_Row(h, RowSampler.create(h.request.params, h.request.prompt_ids, self.device), p + n)
-                    for h, p, n in zip(handles, plens, lengths)]
-        self.rows.extend(new_rows)
         self.stats.prefill_steps += 1
-        self.stats.prefill_tokens += sum(lengths)
-        self._update(new_rows, logits)
+        self.stats.prefill_tokens += sum(chunks)
+        for r, c in zip(rows, chunks):
+            r.length += c
+            r.prompt_done += c
+        done = [i for i, (r, c) in enumerate(zip(rows, chunks)) if c and not r.prompt_left]
+        for i in done:
+            self.batch.promote(rows[i])
+        if done:
+            self._update([rows[i] for i in done], logits[done])
 
     def _decode(self) -> None:
-        rows = self.rows
+        rows = list(self.batch.decoding)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         wpos = torch.tensor([[r.length] for r in rows], device=self.device)
         logits, seconds = self._forward(ids, wpos, 0, max(r.length for r in rows) + 1)
@@ -286,10 +279,10 @@ class Engine:
         self._update(rows, logits)
 
     # ------------------------------------------------------------------ update
-    def _update(self, rows: list[_Row], logits: torch.Tensor) -> None:
+    def _update(self, rows: list[Row], logits: torch.Tensor) -> None:
         tokens, logprobs = choose_tokens(logits, [r.sampler for r in rows])
         now = time.monotonic()
-        done: dict[str, list[_Row]] = {}
+        done: dict[str, list[Row]] = {}
         for r, t, lp in zip(rows, tokens, logprobs):
             if r.request.cancelled:
                 done.setdefault("cancelled", []).append(r)
@@ -310,17 +303,11 @@ class Engine:
         for reason, finished in done.items():
             self._retire(finished, reason)
 
-    def _retire(self, rows: list[_Row], reason: str, error: str | None = None) -> None:
-        """Finish rows and keep the running rows contiguous in the cache (the last row fills each hole)."""
+    def _retire(self, rows: list[Row], reason: str, error: str | None = None) -> None:
+        """Finish rows, free their cache rows and unpin their prefixes."""
         now = time.monotonic()
         for r in rows:
-            i = self.rows.index(r)
-            last = len(self.rows) - 1
-            if i != last:
-                moved = self.rows[last]
-                self.cache.move_row(last, i, moved.length)
-                self.rows[i] = moved
-            self.rows.pop()
+            self.batch.remove(r)
             req = r.request
             if req.prefix is not None:
                 req.prefix.release()
@@ -330,8 +317,8 @@ class Engine:
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     def _fail_all(self, error: str) -> None:
-        running = {id(r.handle) for r in self.rows}
-        self._retire(list(self.rows), "error", error)
+        running = {id(r.handle) for r in self.batch.all_rows()}
+        self._retire(self.batch.all_rows(), "error", error)
         for h in self._admitting:  # failed during their prefill, before they became rows
             if id(h) not in running and not h.done:
                 self._finish_unstarted(h, "error", error)

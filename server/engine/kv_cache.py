@@ -140,6 +140,13 @@ class SlotKVCache(Cache):
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        """Exchange the first `length` positions of rows a and b."""
+        for buf in (self.k, self.v):
+            tmp = buf[:, a, :, :length].clone()
+            buf[:, a, :, :length] = buf[:, b, :, :length]
+            buf[:, b, :, :length] = tmp
+
     def prepare(self, row_start: int, write_pos: torch.Tensor, kv_len: int) -> None:
         """Set up the next forward: rows [row_start, row_start+n) write at write_pos [n, q]; attend kv_len keys."""
         n = write_pos.shape[0]

@@ -39,8 +39,9 @@ def run_alone(engine: Engine, prompt, prefix, n) -> list[int]:
     return h.wait(0).token_ids
 
 
-def test_alone_equals_peft_generate(kind, loaded, adapters):
-    engine = Engine(loaded, EngineConfig(max_batch_size=8))
+@pytest.mark.parametrize("chunk", [512, 2], ids=["whole-prompts", "chunked-prefill"])
+def test_alone_equals_peft_generate(kind, loaded, adapters, chunk):
+    engine = Engine(loaded, EngineConfig(max_batch_size=8, max_prefill_tokens=chunk))
     for i, (name, path) in enumerate(adapters.items()):
         prompt = PROMPTS[i % len(PROMPTS)]
         assert run_alone(engine, prompt, device_prefix(path, loaded), 10) == peft_generate(kind, path, prompt, 10), name
@@ -48,9 +49,14 @@ def test_alone_equals_peft_generate(kind, loaded, adapters):
     assert run_alone(engine, PROMPTS[1], None, 10) == peft_generate(kind, None, PROMPTS[1], 10)
 
 
-def test_mixed_batch_join_and_leave_equals_alone(kind, loaded, adapters):
-    """Rows of 4 tasks + base model, prefix lengths 3/7/12/5/0, prompt lengths 1..11, joining and leaving."""
-    engine = Engine(loaded, EngineConfig(max_batch_size=6))
+@pytest.mark.parametrize("chunk", [512, 3], ids=["whole-prompts", "chunked-prefill"])
+def test_mixed_batch_join_and_leave_equals_alone(kind, loaded, adapters, chunk):
+    """Rows of 4 tasks + base model, prefix lengths 3/7/12/5/0, prompt lengths 1..11, joining and leaving.
+
+    With chunk=3, prompts are prefilled 3 tokens per step, so rows at every stage (prefilling, decoding,
+    finishing) share steps and move between the two blocks of the cache.
+    """
+    engine = Engine(loaded, EngineConfig(max_batch_size=6, max_prefill_tokens=chunk))
     prefixes = [device_prefix(p, loaded) for p in adapters.values()] + [None]
     jobs = [(PROMPTS[(i * 3) % len(PROMPTS)], prefixes[i % len(prefixes)], 4 + (i * 5) % 13) for i in range(14)]
     expected = [run_alone(Engine(loaded), p, px, n) for p, px, n in jobs]
@@ -66,6 +72,8 @@ def test_mixed_batch_join_and_leave_equals_alone(kind, loaded, adapters):
     got = [h.wait(0).token_ids for h in handles]
     assert got == expected
     assert max(sizes) == 6 and engine.stats.prefill_steps >= 4  # the batch really filled up and was refilled
+    if chunk == 3:  # long prompts really were split, while other rows decoded
+        assert engine.stats.prefill_steps > len(jobs) // 3 + 3
     assert any(b < a for a, b in zip(sizes, sizes[1:]))  # rows left mid-run
 
 
