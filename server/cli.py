@@ -71,6 +71,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_copy(args: argparse.Namespace) -> int:
+    """Copy every prefix, version and alias from one store to another (disk <-> Redis); safe to run again."""
+    from prefix_store.base import open_store
+    from prefix_store.copy import copy_store
+
+    async def run() -> dict[str, object]:
+        src, dst = open_store(args.src), open_store(args.dst)
+        try:
+            return {"src": src.url, "dst": dst.url, **vars(await copy_store(src, dst))}
+        finally:
+            await src.close()
+            await dst.close()
+
+    print(json.dumps(asyncio.run(run())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, including plugin subcommands."""
     parser = argparse.ArgumentParser(prog="prefixserve", description=__doc__)
@@ -95,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list stored prefixes")
     _store_arg(p)
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("store", help="manage prefix stores")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    p = store_sub.add_parser("copy", help="copy all prefixes, versions and aliases from SRC to DST "
+                             "(directory, file://, redis:// or rediss:// URLs)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_store_copy)
 
     for mod in _PLUGINS:
         try:

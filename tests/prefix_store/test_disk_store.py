@@ -23,7 +23,7 @@ def run(coro):
 
 
 def test_put_get_list_delete(tmp_path):
-    store = open_store(str(tmp_path))
+    store = open_store(f"file://{tmp_path}?keep_versions=1")  # no history: a replaced version is collected
     a, b = art(1), art(2)
     m, t = a.to_bytes()
     run(store.put("e2e", a.manifest, t))
