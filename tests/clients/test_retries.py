@@ -1,13 +1,14 @@
 """Retries, Retry-After, timeouts and the API key header, against a scripted stdlib server."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
 import pytest
 
-from prefixserve_client import (AsyncClient, Client, ConnectionFailed, RateLimitError, RetryPolicy,
-                                UnavailableError)
+from prefixserve_client import (AsyncClient, Client, ConflictError, ConnectionFailed, RateLimitError,
+                                RetryPolicy, UnavailableError)
 from tests.api.conftest import free_port
 from tests.clients.fake_server import json_answer, sse_answer
 
@@ -109,3 +110,22 @@ async def test_async_retries_and_api_key(fake):
     async with AsyncClient(fake.url, retry=RetryPolicy(max_attempts=2, backoff=0.01)) as c:
         with pytest.raises(UnavailableError):
             await c.generate("hi")
+
+
+def test_versions_rollback_and_if_match_requests(fake):
+    """The request shapes for issue 4's routes (the real server is tested in test_client_live when it has them)."""
+    v1, v2 = "a" * 64, "b" * 64
+    fake.script = [json_answer(200, {"task": "t", "versions": [{"version": v1, "created": 1.5, "current": False},
+                                                               {"version": v2, "created": 2.5, "current": True}]}),
+                   json_answer(200, {"task": "t", "version": v1, "manifest": {}}),
+                   json_answer(412, {"error": "t is at another version", "error_type": "conflict"})]
+    with Client(fake.url, retry=FAST) as c:
+        versions = c.versions("t")
+        assert [(v.version, v.current, v.created) for v in versions] == [(v1, False, 1.5), (v2, True, 2.5)]
+        assert c.rollback("t", v1, expected_version=v2).version == v1
+        with pytest.raises(ConflictError, match="another version"):
+            c.delete("t", expected_version=v2)
+    get, post, delete = fake.seen
+    assert (get.method, get.path) == ("GET", "/prefixes/t/versions")
+    assert (post.method, post.path, json.loads(post.body)) == ("POST", "/prefixes/t/rollback", {"version": v1})
+    assert post.headers["If-Match"] == delete.headers["If-Match"] == f'"{v2}"'

@@ -67,10 +67,11 @@ class Call:
     json: Any = None
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
     stream: bool = False
+    headers: dict[str, str] | None = None
 
     def request_kwargs(self) -> dict[str, Any]:
         """Arguments for httpx's build_request (a fresh multipart body each time)."""
-        kw: dict[str, Any] = {"params": self.params, "json": self.json}
+        kw: dict[str, Any] = {"params": self.params, "json": self.json, "headers": self.headers}
         if self.files is not None:
             kw["files"] = [(k, (n, io.BytesIO(b), t)) for k, (n, b, t) in self.files]
         return kw
@@ -107,6 +108,11 @@ def _clean(d: Mapping[str, Any]) -> dict[str, Any]:
 
 def _name(task: str) -> str:
     return quote(task, safe="@")
+
+
+def _if_match(expected_version: str | None) -> dict[str, str] | None:
+    """`If-Match: "VERSION"`: the server answers 412 when the task moved on (issue 4's optimistic concurrency)."""
+    return {"If-Match": f'"{expected_version}"'} if expected_version else None
 
 
 def _version(r: httpx.Response) -> str | None:
@@ -235,12 +241,13 @@ def collect_artifact(source: str | Path | Mapping[str, bytes]) -> dict[str, byte
     raise ValueError(f"{path}: not a directory or a zip holding a prefix artifact")
 
 
-def upload_call(name: str, source: str | Path | Mapping[str, bytes], description: str | None) -> Call:
+def upload_call(name: str, source: str | Path | Mapping[str, bytes], description: str | None,
+                expected_version: str | None = None) -> Call:
     """PUT /prefixes/NAME with multipart parts named `files`."""
     files = collect_artifact(source)
     parts = [("files", (n, data, "application/octet-stream")) for n, data in files.items()]
     return Call("PUT", f"/prefixes/{_name(name)}", lambda r: PrefixInfo.model_validate(r.json()),
-                params=_clean({"description": description}), files=parts)
+                params=_clean({"description": description}), files=parts, headers=_if_match(expected_version))
 
 
 def list_call() -> Call:
@@ -258,9 +265,10 @@ def download_call(name: str, file: str | None) -> Call:
     return Call("GET", f"/prefixes/{_name(name)}/download", lambda r: r.content, params=_clean({"file": file}))
 
 
-def delete_call(name: str) -> Call:
+def delete_call(name: str, expected_version: str | None = None) -> Call:
     """DELETE /prefixes/NAME."""
-    return Call("DELETE", f"/prefixes/{_name(name)}", lambda r: DeleteResult.model_validate(r.json()))
+    return Call("DELETE", f"/prefixes/{_name(name)}", lambda r: DeleteResult.model_validate(r.json()),
+                headers=_if_match(expected_version))
 
 
 def _versions(r: httpx.Response) -> list[PrefixVersion]:
@@ -274,10 +282,10 @@ def versions_call(name: str) -> Call:
     return Call("GET", f"/prefixes/{_name(name)}/versions", _versions)
 
 
-def rollback_call(name: str, version: str) -> Call:
+def rollback_call(name: str, version: str, expected_version: str | None = None) -> Call:
     """POST /prefixes/NAME/rollback {"version"} (issue 4): the alias moves back to `version`."""
     return Call("POST", f"/prefixes/{_name(name)}/rollback", lambda r: PrefixInfo.model_validate(r.json()),
-                json={"version": version})
+                json={"version": version}, headers=_if_match(expected_version))
 
 
 def extract_zip(data: bytes, out_dir: str | Path) -> list[Path]:

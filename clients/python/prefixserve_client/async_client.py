@@ -148,9 +148,10 @@ class AsyncClient:
         return await self._call(core.models_call())
 
     async def upload(self, name: str, source: str | Path | Mapping[str, bytes],
-                     description: str | None = None) -> PrefixInfo:
+                     description: str | None = None, *, expected_version: str | None = None) -> PrefixInfo:
         """Upload (or replace) a prefix from a PEFT or native directory, a downloaded zip, or {name: bytes}."""
-        call = await asyncio.to_thread(core.upload_call, name, source, description)  # reads files
+        # reading the files happens off the event loop
+        call = await asyncio.to_thread(core.upload_call, name, source, description, expected_version)
         return await self._call(call)
 
     async def list(self) -> list[PrefixInfo]:
@@ -169,17 +170,17 @@ class AsyncClient:
         """Download the native artifact into out_dir."""
         return await asyncio.to_thread(core.extract_zip, await self.download(name), out_dir)
 
-    async def delete(self, name: str) -> DeleteResult:
-        """Delete a prefix."""
-        return await self._call(core.delete_call(name))
+    async def delete(self, name: str, *, expected_version: str | None = None) -> DeleteResult:
+        """Delete a prefix (with expected_version: only if it is still that version, else ConflictError)."""
+        return await self._call(core.delete_call(name, expected_version))
 
     async def versions(self, name: str) -> list[PrefixVersion]:
         """Every stored version of a task (issue 4)."""
         return await self._call(core.versions_call(name))
 
-    async def rollback(self, name: str, version: str) -> PrefixInfo:
+    async def rollback(self, name: str, version: str, *, expected_version: str | None = None) -> PrefixInfo:
         """Point the task back at an earlier version (issue 4)."""
-        return await self._call(core.rollback_call(name, version))
+        return await self._call(core.rollback_call(name, version, expected_version))
 
     async def health(self) -> dict[str, Any]:
         """/health."""

@@ -146,9 +146,9 @@ class Client:
 
     # ---------------------------------------------------------------- prefixes
     def upload(self, name: str, source: str | Path | Mapping[str, bytes],
-               description: str | None = None) -> PrefixInfo:
+               description: str | None = None, *, expected_version: str | None = None) -> PrefixInfo:
         """Upload (or replace) a prefix from a PEFT or native directory, a downloaded zip, or {name: bytes}."""
-        return self._call(core.upload_call(name, source, description))
+        return self._call(core.upload_call(name, source, description, expected_version))
 
     def list(self) -> list[PrefixInfo]:
         """Every stored prefix."""
@@ -166,17 +166,17 @@ class Client:
         """Download the native artifact and write manifest.json + prefix.safetensors into out_dir."""
         return core.extract_zip(self.download(name), out_dir)
 
-    def delete(self, name: str) -> DeleteResult:
-        """Delete a prefix."""
-        return self._call(core.delete_call(name))
+    def delete(self, name: str, *, expected_version: str | None = None) -> DeleteResult:
+        """Delete a prefix (with expected_version: only if it is still that version, else ConflictError)."""
+        return self._call(core.delete_call(name, expected_version))
 
     def versions(self, name: str) -> list[PrefixVersion]:
         """Every stored version of a task (needs a server with versions, issue 4)."""
         return self._call(core.versions_call(name))
 
-    def rollback(self, name: str, version: str) -> PrefixInfo:
+    def rollback(self, name: str, version: str, *, expected_version: str | None = None) -> PrefixInfo:
         """Point the task back at an earlier version (needs a server with versions, issue 4)."""
-        return self._call(core.rollback_call(name, version))
+        return self._call(core.rollback_call(name, version, expected_version))
 
     # ---------------------------------------------------------------- health
     def health(self) -> dict[str, Any]:

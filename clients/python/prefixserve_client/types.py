@@ -82,7 +82,7 @@ class PrefixVersion(_Model):
 
     version: str
     current: bool | None = None
-    created_at: str | float | None = None
+    created: float | str | None = None  # unix seconds, as the store records it
     manifest: dict[str, Any] | None = None
 
 
