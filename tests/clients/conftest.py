@@ -1,11 +1,20 @@
 """Fixtures for the client tests: one real server on a tiny random GPT-2, adapters on disk, a scripted server."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+if importlib.util.find_spec("prefixserve_client") is None:
+    if os.environ.get("CI"):
+        raise ImportError("prefixserve_client is not installed: pip install -e clients/python (make test does)")
+    warnings.warn("tests/clients skipped: pip install -e clients/python", stacklevel=1)
+    collect_ignore_glob = ["test_*.py"]
 
 from tests.api.conftest import Server, model_dir, peft_adapter, start_server, stop_server  # noqa: F401 (fixture)
 from tests.clients.fake_server import FakeServer
