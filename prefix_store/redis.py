@@ -71,10 +71,12 @@ class RedisStore:
         kwargs: dict[str, Any] = {}
         if urlsplit(base).password is None and os.environ.get(PASSWORD_ENV):
             kwargs["password"] = os.environ[PASSWORD_ENV]
-        # one immediate retry: a pooled connection left over from before a Redis restart fails once, then reconnects
-        self._client = aioredis.Redis.from_url(
-            base.rstrip("?"), socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 1), max_connections=64, **kwargs)
+        # a blocking pool: a burst of requests waits (bounded) for a connection instead of failing; one immediate
+        # retry: a pooled connection left over from before a Redis restart fails once, then reconnects
+        pool = aioredis.BlockingConnectionPool.from_url(
+            base.rstrip("?"), max_connections=64, timeout=self.timeout, socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 1), **kwargs)
+        self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         self._scripts = {n: self._client.register_script(getattr(redis_lua, n))
                          for n in ("PUT", "SET_VERSION", "DELETE", "GET")}
         self._channel = f"{self.prefix}:events"

@@ -172,3 +172,13 @@ async def test_pubsub_invalidation_delay(namespace, capsys):
               f"p50 {statistics.median(from_start):.2f} ms, max {from_start[-1]:.2f} ms")
     await a_store.close()
     await b_store.close()
+
+
+async def test_request_burst_waits_for_pooled_connections(namespace):
+    """More concurrent reads than pooled connections (64): they queue briefly instead of failing."""
+    s = open_store(f"{SHARED_REDIS}?prefix={namespace}")
+    a = art(1, prefix_len=256)
+    await s.put("t", a.manifest, tensors(a))
+    results = await asyncio.gather(*(s.get("t") for _ in range(200)))
+    assert all(t == tensors(a) for _, t in results)
+    await s.close()
