@@ -108,7 +108,8 @@ def http(server) -> Iterator[httpx.Client]:
         yield c
 
 
-def peft_adapter(kind: str = "gpt2", tokens: int = 4, seed: int = 0, prompt_tuning: bool = False) -> dict[str, bytes]:
+def peft_adapter(kind: str = "gpt2", tokens: int = 4, seed: int = 0, prompt_tuning: bool = False,
+                 **model_over) -> dict[str, bytes]:
     """A PEFT prefix-tuning (or prompt-tuning) adapter for the tiny model, as {file name: bytes}."""
     import torch
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
@@ -117,7 +118,7 @@ def peft_adapter(kind: str = "gpt2", tokens: int = 4, seed: int = 0, prompt_tuni
 
     cfg = (PromptTuningConfig if prompt_tuning else PrefixTuningConfig)(task_type="CAUSAL_LM",
                                                                       num_virtual_tokens=tokens)
-    model = get_peft_model(tiny_model(kind), cfg)
+    model = get_peft_model(tiny_model(kind, **model_over), cfg)
     torch.manual_seed(seed)  # after tiny_model(), which seeds its own weights
     with torch.no_grad():
         for p in model.prompt_encoder.parameters():

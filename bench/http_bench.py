@@ -1,0 +1,150 @@
+"""HTTP benchmark: the same work through the real server (SSE clients) and through the engine in-process.
+
+    python -m bench.http_bench                       # GPT-2-small-shaped random model, 64 clients, 8 tasks
+    python -m bench.http_bench --clients 32 --quick  # tiny model, for a smoke run
+
+Workload: C concurrent clients, each sending R requests back to back to /generate_stream over 8 prefix-tuned
+tasks (prompts of ~24 tokens, N new tokens, greedy, EOS ignored). The in-process run submits the same requests
+(same token ids, same prefixes) to an Engine with the same batch size; both use one torch thread. Reports tokens/s of both and their ratio,
+and p50/p99 time to first token and per-token latency (client side, from the SSE events). Writes
+bench/out/http.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger("bench.http")
+MODELS = {"gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024), "tiny": {}}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """Plain-English-ish prompts of ~24 GPT-2 tokens."""
+    import random
+
+    words = "the a model serves many tasks from one frozen network with prefix tuning and batching today".split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(22)) for _ in range(n)]
+
+
+def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list[tuple[int, str]], new: int,
+                   batch: int) -> dict:
+    """The engine alone, all requests submitted at once."""
+    from server.engine.convert import artifact_from_files
+    from server.engine.engine import Engine, EngineConfig, generate_sync
+    from server.engine.model import load_model
+    from server.engine.prefix_cache import PrefixCache
+    from server.engine.sampling import SamplingParams
+
+    import torch
+
+    torch.set_num_threads(1)  # the same as the server process (OMP_NUM_THREADS=1 in start_server)
+    loaded = load_model(str(model_dir))
+    engine = Engine(loaded, EngineConfig(max_batch_size=batch, max_seq_len=1024))
+    cache = PrefixCache(1 << 30, loaded.device, loaded.dtype)
+    arts = [artifact_from_files(a, loaded) for a in adapters]
+    prefixes = [cache.acquire(a.manifest.sha256, lambda a=a: a) for a in arts]
+    for p in prefixes:  # one pin per request below
+        p.release()
+    engine.start()
+    try:
+        sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+        prompts = [loaded.tokenizer(text)["input_ids"] for _, text in jobs]
+        generate_sync(engine, prompts[:batch], sp, [cache.acquire(prefixes[t].version, None) for t, _ in
+                                                    jobs[:batch]])  # warm-up
+        t0 = time.perf_counter()
+        res = generate_sync(engine, prompts, sp, [cache.acquire(prefixes[t].version, None) for t, _ in jobs])
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    tokens = sum(r.generated_tokens for r in res)
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+async def _client(c: httpx.AsyncClient, reqs: list[tuple[int, str]], new: int, out: list[dict]) -> None:
+    for task, text in reqs:
+        t0 = time.perf_counter()
+        stamps: list[float] = []
+        body = {"inputs": text, "parameters": {"max_new_tokens": new, "ignore_eos_token": True}}
+        async with c.stream("POST", "/generate_stream", params={"task": f"t{task}"}, json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    stamps.append(time.perf_counter())
+        out.append({"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1),
+                    "tokens": len(stamps)})
+
+
+async def run_http(url: str, jobs: list[tuple[int, str]], clients: int, new: int) -> dict:
+    """C clients share the jobs round robin; wall time from the first send to the last token."""
+    per = [jobs[i::clients] for i in range(clients)]
+    out: list[dict] = []
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as c:
+        await asyncio.gather(*(_client(c, per[i][:1], new, []) for i in range(min(clients, 8))))  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_client(c, p, new, out) for p in per))
+        wall = time.perf_counter() - t0
+    tokens = sum(o["tokens"] for o in out)
+    ttft, tpot = [o["ttft"] for o in out], [o["tpot"] for o in out]
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": _pct(ttft, 0.99),
+            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": _pct(tpot, 0.99)}
+
+
+def main() -> None:
+    """Run both sides and print/write the comparison."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="tiny model instead of GPT-2-small shapes")
+    ap.add_argument("--out", default="bench/out/http.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    from tests.api.conftest import peft_adapter, start_server, stop_server, upload
+    from tests.tiny import save_tiny_model_dir
+
+    shape = "tiny" if args.quick else "gpt2-small"
+    work = Path(tempfile.mkdtemp(prefix="http-bench-"))
+    model_dir = save_tiny_model_dir("gpt2", work / "model", seed=0, **MODELS[shape])
+    adapters = [peft_adapter("gpt2", tokens=8 + 2 * i, seed=i, **MODELS[shape]) for i in range(args.tasks)]
+    n = args.clients * args.requests_per_client
+    jobs = [(i % args.tasks, p) for i, p in enumerate(make_prompts(n))]
+
+    logger.info("in-process engine: %d requests, batch %d", n, args.clients)
+    engine = run_in_process(model_dir, adapters, jobs, args.new_tokens, args.clients)
+    logger.info("HTTP: %d clients", args.clients)
+    server = start_server(model_dir, work, max_batch_size=args.clients, max_seq_len=1024, log_level="warning")
+    try:
+        with server.client() as c:
+            for i, a in enumerate(adapters):
+                assert upload(c, f"t{i}", a).status_code in (200, 201)
+        http = asyncio.run(run_http(server.url, jobs, args.clients, args.new_tokens))
+    finally:
+        stop_server(server)
+    result = {"model": shape, "clients": args.clients, "requests": n, "tasks": args.tasks,
+              "new_tokens": args.new_tokens, "engine": engine, "http": http,
+              "ratio": http["tokens_per_s"] / engine["tokens_per_s"]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
