@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 $(STAMP)-test: $(STAMP) clients/python/pyproject.toml
 	$(BIN)/pip install -q -e ".[test,train]"
+	$(BIN)/pip install -q --no-deps text-generation==0.7.0 lorax-client==0.6.3
 	$(BIN)/pip install -q -e clients/python
 	touch $@
 

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from importlib import import_module
 
@@ -91,7 +92,7 @@ def cmd_store_copy(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, including plugin subcommands."""
     parser = argparse.ArgumentParser(prog="prefixserve", description=__doc__)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default=None, help="logging level (env PREFIXSERVE_LOG_LEVEL, default info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import-peft", help="import a PEFT prefix/prompt-tuning adapter into the store")
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `prefixserve` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or os.environ.get("PREFIXSERVE_LOG_LEVEL") or "info"
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
