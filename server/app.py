@@ -18,13 +18,16 @@ from server.engine.engine import Engine, EngineConfig
 from server.engine.model import load_model
 from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
+from server.tiers.host import HostCache
+from server.tiers.registry import TaskRegistry
 
 logger = logging.getLogger(__name__)
 
 
 def build_state(settings: Settings) -> AppState:
     """Load the model and create the engine (started), prefix cache, store and metrics (blocking; ~seconds)."""
-    store = open_store(settings.store)
+    options = {} if settings.store_keep_versions is None else {"keep_versions": settings.store_keep_versions}
+    store = open_store(settings.store, **options)
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=cache_dir)
     eos = (loaded.tokenizer.eos_token_id,) if getattr(loaded.tokenizer, "eos_token_id", None) is not None else ()
@@ -33,22 +36,30 @@ def build_state(settings: Settings) -> AppState:
                                          max_prefill_tokens=settings.max_prefill_tokens,
                                          kv_cache_bytes=settings.kv_cache_bytes, eos_token_ids=eos))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
+    metrics = Metrics(engine, cache)
+    tasks = TaskRegistry(store, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),
+                         settings.max_upload_bytes, on_load=metrics.cold_load)
+    metrics.add_tiers(tasks)
     engine.start()
     logger.info("serving %s on %s (%s), store %s, max batch %d", settings.model, loaded.device, loaded.dtype,
                 store.url, settings.max_batch_size)
-    return AppState(settings, loaded, engine, cache, store, Metrics(engine, cache))
+    return AppState(settings, loaded, engine, cache, store, metrics, tasks)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Create everything on startup; on shutdown cancel what still runs, stop the engine, close the store."""
+    """Create everything, follow the store, preload; on shutdown stop the watcher and the engine, close the store."""
     settings: Settings = app.state.settings
     state = await asyncio.to_thread(build_state, settings)
-    app.state.prefixserve = state
+    watcher = asyncio.create_task(state.tasks.watch(), name="store-watch")
     try:
+        await state.tasks.preload(settings.preload)
+        app.state.prefixserve = state
         yield
     finally:
         app.state.prefixserve = None
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await asyncio.to_thread(state.engine.stop)  # queued and running requests finish as 'cancelled'
         await state.store.close()
         logger.info("stopped")

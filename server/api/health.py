@@ -1,4 +1,4 @@
-"""GET /health (process alive), GET /ready (model loaded, engine running), GET /metrics (Prometheus)."""
+"""GET /health (process alive), GET /ready (model loaded, engine running; store state), GET /metrics."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -18,13 +18,19 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once the model is loaded and the engine runs; 503 before and during shutdown."""
+    """200 once the model is loaded and the engine runs (status `degraded` while the store is unreachable:
+    cached tasks still serve, so the replica stays in rotation); 503 before start-up ends and during shutdown."""
     state = getattr(request.app.state, "prefixserve", None)
     if state is None or not state.engine.running:
         return JSONResponse({"error": "not ready", "error_type": "unavailable"}, status_code=503,
                             headers={"Retry-After": "1"})
-    return JSONResponse({"status": "ready", "model": state.model_id, "device": str(state.loaded.device),
-                         "max_seq_len": state.engine.max_seq_len})
+    store = await state.tasks.store_health()
+    t = state.tasks
+    return JSONResponse({"status": "ready" if store["ok"] else "degraded", "model": state.model_id,
+                         "device": str(state.loaded.device), "max_seq_len": state.engine.max_seq_len,
+                         "store": {"url": state.store.url, **store, "last_resync": t.stats.last_resync or None},
+                         "cached": {"tasks": len(t.manifests), "device_prefixes": len(state.cache),
+                                    "host_prefixes": len(t.host)}})
 
 
 @router.get("/metrics", response_class=Response)

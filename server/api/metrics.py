@@ -10,9 +10,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from server.engine.engine import Engine
     from server.engine.prefix_cache import PrefixCache
+    from server.tiers.registry import TaskRegistry
 
 BASE_LABEL = ":base"  # the task label of requests without a task (':' cannot appear in a task name)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
@@ -43,6 +45,33 @@ class _EngineCollector:
         yield GaugeMetricFamily("prefixserve_prefix_cache_entries", "Resident prefixes", value=len(c))
 
 
+class _TierCollector:
+    """Reads the host tier's and the task map's counters at scrape time (the device tier is above)."""
+
+    def __init__(self, tasks: TaskRegistry):
+        self.tasks = tasks
+
+    def collect(self) -> Iterator:
+        h, t = self.tasks.host, self.tasks.stats
+        lookups = CounterMetricFamily("prefixserve_prefix_tier_lookups", "Prefix lookups per tier (device, host: "
+                                      "artifact caches; map: task name -> version)", labels=["tier", "result"])
+        for tier, hits, misses in (("device", self.tasks.cache.stats.hits, self.tasks.cache.stats.misses),
+                                   ("host", h.stats.hits, h.stats.misses), ("map", t.map_hits, t.map_misses)):
+            lookups.add_metric([tier, "hit"], hits)
+            lookups.add_metric([tier, "miss"], misses)
+        yield lookups
+        yield CounterMetricFamily("prefixserve_host_cache_evictions", "Host prefix cache evictions",
+                                  value=h.stats.evictions)
+        yield GaugeMetricFamily("prefixserve_host_cache_bytes", "Host bytes of cached prefixes", value=h.bytes_used)
+        yield GaugeMetricFamily("prefixserve_host_cache_entries", "Prefixes in the host cache", value=len(h))
+        yield GaugeMetricFamily("prefixserve_task_map_entries", "Task names mapped to versions in memory",
+                                value=len(self.tasks.manifests))
+        yield CounterMetricFamily("prefixserve_store_events", "Store watch events applied (incl. resyncs)",
+                                  value=t.events)
+        yield CounterMetricFamily("prefixserve_store_resyncs", "Reconciliations with the store's snapshot",
+                                  value=t.resyncs)
+
+
 class Metrics:
     """Request, token and latency metrics; `render()` gives the Prometheus text format."""
 
@@ -61,7 +90,18 @@ class Metrics:
         self.tpot = Histogram("prefixserve_time_per_output_token_seconds", "Mean time between tokens after the "
                               "first, per request", ["task"], buckets=_TPOT_BUCKETS, registry=r)
         self.latency = Histogram("prefixserve_request_seconds", "Submit to last token", ["task"], registry=r)
+        self.prefix_load = Histogram("prefixserve_prefix_cold_load_seconds", "Device-cache miss to a prefix on "
+                                     "the device, by the tier it came from (host or store)", ["tier"],
+                                     buckets=_LOAD_BUCKETS, registry=r)
         r.register(_EngineCollector(engine, cache))
+
+    def add_tiers(self, tasks: TaskRegistry) -> None:
+        """Export the host tier's and the task map's counters."""
+        self.registry.register(_TierCollector(tasks))
+
+    def cold_load(self, tier: str, seconds: float) -> None:
+        """Record one prefix load onto the device from `tier` (host or store)."""
+        self.prefix_load.labels(tier).observe(seconds)
 
     def observe(self, task: str | None, route: str, finish_reason: str, prompt_tokens: int, generated: int,
                 submitted_at: float, first_token_at: float | None, finished_at: float) -> None:

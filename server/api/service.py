@@ -9,8 +9,6 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from prefix_store.artifact import PrefixArtifact, validate
-from prefix_store.base import validate_task_name
 from server.api.deps import AppState
 from server.api.errors import APIError, validation
 from server.api.text import IncrementalDecoder, StopMatcher
@@ -22,30 +20,10 @@ logger = logging.getLogger(__name__)
 
 
 async def acquire_prefix(state: AppState, task: str | None) -> DevicePrefix | None:
-    """The pinned device prefix serving `task` now (None for the base model); the caller must release it."""
+    """The pinned device prefix serving `task` (NAME or NAME@VERSION; None: the base model); release it after."""
     if not task:
         return None
-    validate_task_name(task)
-    manifest = await state.store.get_manifest(task)  # PrefixNotFound -> 404
-    if manifest.sha256 in state.cache:
-        try:
-            return state.cache.acquire(manifest.sha256, _no_load)
-        except LookupError:  # evicted between the check and the acquire: load it below
-            pass
-    manifest, tensors = await state.store.get(task)
-    max_bytes = state.settings.max_upload_bytes
-    fp = state.loaded.spec.fingerprint()
-
-    def load() -> PrefixArtifact:
-        art = PrefixArtifact.from_bytes(manifest.to_json(), tensors, max_bytes)
-        validate(art, fp)  # a prefix imported for another base model is refused here
-        return art
-
-    return await asyncio.to_thread(state.cache.acquire, manifest.sha256, load)
-
-
-def _no_load() -> PrefixArtifact:
-    raise LookupError("evicted")
+    return await state.tasks.acquire(task)  # PrefixNotFound -> 404, StoreError -> 503
 
 
 def encode(state: AppState, text: str, *, field: str = "inputs", truncate: int | None = None) -> list[int]:
@@ -159,8 +137,9 @@ async def start(state: AppState, task: str | None, prompt_ids: list[int], params
                 stops: list[str], route: str) -> Generation:
     """Acquire the task's prefix and submit; on any refusal the prefix is released and the error raised."""
     prefix = await acquire_prefix(state, task)
+    name = task.partition("@")[0] if task else None  # metrics and engine tags by name, not by version
     try:
-        handle = state.engine.submit(prompt_ids, params, prefix, tag=task or "")
+        handle = state.engine.submit(prompt_ids, params, prefix, tag=name or "")
     except ValueError as e:
         if prefix is not None:
             prefix.release()
@@ -169,7 +148,7 @@ async def start(state: AppState, task: str | None, prompt_ids: list[int], params
         if prefix is not None:
             prefix.release()
         raise
-    return Generation(state, handle, task, route, prefix.version if prefix else None, stops)
+    return Generation(state, handle, name, route, prefix.version if prefix else None, stops)
 
 
 async def start_many(state: AppState, jobs: list[tuple[str | None, list[int], SamplingParams, list[str]]],

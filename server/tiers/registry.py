@@ -1,0 +1,246 @@
+"""Task resolution through the tiers, kept in step with the store (and so with every other replica).
+
+    task ref (NAME or NAME@VERSION) --name->manifest map (this module, fed by store.watch)--> version (sha256)
+    version --device cache (PrefixCache)--> hit | --host cache (HostCache)--> copy to device | --store--> parse
+
+The map answers the HTTP path without a store round trip; a miss falls back to the store. `store.watch` events
+(an upload, rollback or delete on any replica) update the map and drop the old version from the device cache;
+after a reconnection (RESYNC) the map is reconciled with `store.snapshot()`. While the store is down, tasks whose
+manifest and tensors are cached keep serving; anything needing the store fails with its StoreError (HTTP 503).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from prefix_store.artifact import Manifest, PrefixArtifact, validate
+from prefix_store.base import (RESYNC, PrefixNotFound, PrefixStore, StoreError, StoreEvent, split_task_ref)
+from server.engine.prefix_cache import DevicePrefix, PrefixCache
+from server.tiers.host import HostCache
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TTL_S = 1.0  # /ready probes within this reuse the last store health answer
+HEALTH_TIMEOUT_S = 2.0  # a store that has not answered its health check by then is reported down
+
+
+@dataclass
+class RegistryStats:
+    """Counters exported in /metrics."""
+
+    map_hits: int = 0
+    map_misses: int = 0
+    events: int = 0
+    resyncs: int = 0
+    last_resync: float = 0.0  # unix seconds of the last reconciliation with the store
+
+
+def _no_load() -> PrefixArtifact:
+    raise LookupError("evicted")
+
+
+class TaskRegistry:
+    """The name->manifest map, the store watcher, and `acquire(ref)` through device, host and store tiers."""
+
+    def __init__(self, store: PrefixStore, cache: PrefixCache, host: HostCache, fingerprint: dict[str, Any],
+                 max_bytes: int, on_load: Callable[[str, float], None] | None = None):
+        self.store, self.cache, self.host = store, cache, host
+        self.fingerprint, self.max_bytes = fingerprint, max_bytes
+        self.on_load = on_load or (lambda tier, seconds: None)
+        self.manifests: dict[str, Manifest] = {}
+        self.stats = RegistryStats()
+        self._epoch = 0  # bumped around every event: a store read that overlaps one is not cached in the map
+        self._loading: dict[str, asyncio.Future[PrefixArtifact]] = {}
+        self._health: tuple[float, dict[str, Any]] | None = None
+
+    # -- resolution --
+    async def manifest(self, name: str, version: str | None = None) -> Manifest:
+        """The manifest serving `name` (current, or the pinned `version`): from the map, else from the store."""
+        current = self.manifests.get(name)
+        if current is not None and (version is None or current.sha256.startswith(version)):
+            self.stats.map_hits += 1
+            return current
+        self.stats.map_misses += 1
+        if version is not None:
+            return await self.store.get_manifest(name, version)
+        epoch = self._epoch
+        m = await self.store.get_manifest(name)
+        if epoch == self._epoch:  # no event arrived meanwhile: the read is not older than the map
+            self.manifests[name] = m
+        return m
+
+    async def acquire(self, ref: str) -> DevicePrefix:
+        """The pinned device prefix for `NAME` or `NAME@VERSION`; the caller must release it."""
+        name, version = split_task_ref(ref)
+        m = await self.manifest(name, version)
+        sha = m.sha256
+        if sha in self.cache:
+            try:
+                return self.cache.acquire(sha, _no_load)
+            except LookupError:  # evicted between the check and the acquire: load it below
+                pass
+        t0 = time.perf_counter()
+        art = self.host.get(sha)
+        tier = "host"
+        if art is None:
+            tier = "store"
+            art = await self._fetch_once(name, sha)
+        prefix = await asyncio.to_thread(self.cache.acquire, sha, lambda: art)
+        self.on_load(tier, time.perf_counter() - t0)
+        return prefix
+
+    async def _fetch_once(self, name: str, sha: str) -> PrefixArtifact:
+        """Read, parse and validate a version from the store; concurrent misses of one version share the read."""
+        fut = self._loading.get(sha)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fetch(name, sha))
+            self._loading[sha] = fut
+            fut.add_done_callback(self._fetched)
+        return await asyncio.shield(fut)
+
+    def _fetched(self, fut: asyncio.Future) -> None:
+        for sha, f in list(self._loading.items()):
+            if f is fut:
+                del self._loading[sha]
+        if not fut.cancelled():
+            fut.exception()  # retrieved here, so a failure nobody awaited any more is not logged as lost
+
+    async def _fetch(self, name: str, sha: str) -> PrefixArtifact:
+        m, tensors = await self.store.get(name, sha)
+
+        def parse() -> PrefixArtifact:
+            art = PrefixArtifact.from_bytes(m.to_json(), tensors, self.max_bytes)
+            validate(art, self.fingerprint)  # a prefix imported for another base model is refused here
+            return art
+
+        art = await asyncio.to_thread(parse)
+        self.host.put(sha, art)
+        return art
+
+    # -- changes made through this replica --
+    def remember(self, name: str, m: Manifest, previous: Manifest | None = None) -> None:
+        """`name` now points to `m` (an upload or rollback on this replica); the old version leaves the device."""
+        self._epoch += 1
+        old = self.manifests.get(name, previous)
+        self.manifests[name] = m
+        if old is not None and old.sha256 != m.sha256:
+            self._release(old.sha256, host=False)
+
+    def forget(self, name: str) -> None:
+        """`name` was deleted: its version leaves the map, the device and the host cache."""
+        self._epoch += 1
+        old = self.manifests.pop(name, None)
+        if old is not None:
+            self._release(old.sha256, host=True)
+
+    def _release(self, sha: str, *, host: bool) -> None:
+        """Drop a version from the caches unless another name still points to it."""
+        if any(m.sha256 == sha for m in self.manifests.values()):
+            return
+        self.cache.drop(sha)  # rows running on it keep their pinned copy and finish on it
+        if host:
+            self.host.drop(sha)
+
+    # -- changes seen by the watcher --
+    async def on_event(self, event: StoreEvent) -> None:
+        """Apply one store event: a moved name, a deleted name, or RESYNC (reconcile with a snapshot)."""
+        self._epoch += 1
+        try:
+            if event == RESYNC:
+                await self._resync()
+            elif event.version is None:
+                self.forget(event.name)
+            else:
+                await self._moved(event.name, event.version)
+        finally:
+            self._epoch += 1
+            self.stats.events += 1
+
+    async def _moved(self, name: str, version: str) -> None:
+        old = self.manifests.get(name)
+        if old is not None and old.sha256 == version:
+            return  # already known (this replica made the change)
+        try:
+            m: Manifest | None = await self.store.get_manifest(name, version)
+        except (PrefixNotFound, StoreError) as e:  # moved on again or unreachable: the next request reads it
+            logger.info("store event %s@%s: %s", name, version[:12], e)
+            m = None
+        if m is None:
+            self.manifests.pop(name, None)
+        else:
+            self.manifests[name] = m
+        if old is not None and old.sha256 != version:
+            self._release(old.sha256, host=False)
+
+    async def _resync(self) -> None:
+        """Drop every mapped name whose version differs from the store's (refilled by the next request)."""
+        try:
+            snap = await self.store.snapshot()
+        except StoreError as e:  # cannot compare: forget the map rather than serve stale versions
+            logger.warning("store resync failed (%s); clearing the task map", e)
+            for name in list(self.manifests):
+                self.forget(name)
+            return
+        stale = [(n, m) for n, m in self.manifests.items() if snap.get(n) != m.sha256]
+        for name, m in stale:
+            self.manifests.pop(name, None)
+            self._release(m.sha256, host=name not in snap)
+        self.stats.resyncs += 1
+        self.stats.last_resync = time.time()
+        logger.info("store resync: %d tasks in the store, %d stale mapped tasks dropped", len(snap), len(stale))
+
+    async def watch(self) -> None:
+        """Follow the store's events until cancelled (the store reconnects by itself; this restarts it if not)."""
+        while True:
+            try:
+                await self.store.watch(self.on_event)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("store watch stopped; restarting it in 1 s")
+                await asyncio.sleep(1.0)
+
+    # -- start-up and health --
+    async def preload(self, spec: str) -> list[str]:
+        """Load `e2e,webnlg` (or `*`: every task) into the host and device caches; stop when the device is full."""
+        refs = [r.strip() for r in spec.split(",") if r.strip()]
+        if not refs:
+            return []
+        if refs == ["*"]:
+            try:
+                refs = list(await self.store.list())
+            except StoreError as e:
+                logger.warning("preload: cannot list the store (%s)", e)
+                return []
+        done: list[str] = []
+        evictions = self.cache.stats.evictions
+        for ref in refs:
+            try:
+                (await self.acquire(ref)).release()
+            except Exception as e:  # a bad or missing task must not stop the server from starting
+                logger.warning("preload %s failed: %s", ref, e)
+                continue
+            if self.cache.stats.evictions > evictions:
+                logger.warning("preload: the device prefix cache is full after %d tasks; stopping", len(done))
+                break
+            done.append(ref)
+        logger.info("preloaded %d of %d tasks", len(done), len(refs))
+        return done
+
+    async def store_health(self) -> dict[str, Any]:
+        """The store's `health()` (reused for HEALTH_TTL_S, bounded by HEALTH_TIMEOUT_S); never raises."""
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < HEALTH_TTL_S:
+            return self._health[1]
+        try:
+            h = await asyncio.wait_for(self.store.health(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            h = {"ok": False, "detail": f"store {self.store.url}: no health answer in {HEALTH_TIMEOUT_S:.0f} s"}
+        except Exception as e:
+            h = {"ok": False, "detail": f"store {self.store.url}: {type(e).__name__}: {e}"}
+        self._health = (time.monotonic(), h)
+        return h
