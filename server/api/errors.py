@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_store.artifact import ArtifactError, ArtifactTooLarge
-from prefix_store.base import InvalidTaskName, PrefixNotFound, StoreError
+from prefix_store.base import InvalidTaskName, PrefixNotFound, StoreError, StoreUnavailable, VersionConflict
 from server.engine.request import EngineOverloaded, EngineStopped
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,14 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(503, str(exc), "overloaded", {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(exc, EngineStopped):
         return APIError(503, str(exc), "unavailable", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, VersionConflict):  # not a StoreError: the store works, the precondition failed
+        headers = {"ETag": f'"{exc.found}"'} if exc.found else None
+        return APIError(412, str(exc), "precondition_failed", headers)
+    if isinstance(exc, StoreUnavailable):
+        return APIError(503, f"prefix store unavailable: {exc}", "store",
+                        {"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(exc, StoreError):
-        return APIError(503, str(exc), "store")
+        return APIError(503, f"prefix store error: {exc}", "store", {"Retry-After": str(RETRY_AFTER_SECONDS)})
     logger.error("internal error", exc_info=exc)
     return APIError(500, f"internal error ({type(exc).__name__})", "internal")
 
@@ -93,5 +99,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     for cls in (APIError, PrefixNotFound, InvalidTaskName, ArtifactError, EngineOverloaded, EngineStopped,
-                StoreError, Exception):
+                StoreError, VersionConflict, Exception):
         app.add_exception_handler(cls, on_known)

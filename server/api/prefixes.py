@@ -1,4 +1,8 @@
-"""Prefix management: PUT/GET/DELETE /prefixes/NAME, GET /prefixes, GET /prefixes/NAME/download.
+"""Prefix management: PUT/GET/DELETE /prefixes/NAME, GET /prefixes, GET /prefixes/NAME/download, and versions:
+GET /prefixes/NAME/versions, POST /prefixes/NAME/rollback (or PUT /prefixes/NAME?version=V).
+
+Every write takes an optional `If-Match: "VERSION"` (or `*`: the task must exist); a task that has moved on
+answers 412 with its current version as the ETag. GET and PUT answer with `ETag: "VERSION"`.
 
 Uploads are multipart parts named `files` (a PEFT adapter or the native format). The body is counted while it
 streams in and refused with 413 as soon as it passes --max-upload-bytes (at once when Content-Length says so).
@@ -14,13 +18,15 @@ import zipfile
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, AsyncIterator
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE, Manifest
-from prefix_store.base import PrefixNotFound, validate_task_name
+from prefix_store.base import (ANY_VERSION, InvalidTaskName, PrefixNotFound, split_task_ref, validate_task_name,
+                               validate_version)
 from server.api.deps import AppState, StateDep
 from server.api.errors import APIError
 from server.api.generate import version_headers
@@ -32,6 +38,36 @@ router = APIRouter(prefix="/prefixes", tags=["prefixes"])
 MULTIPART_SLACK = 64 * 1024  # room for part headers and boundaries on top of the file bytes
 MAX_PARTS = 8
 NameParam = Annotated[str, Path(description="Task name: 1-128 of letters, digits, '-', '_', '.'")]
+RefParam = Annotated[str, Path(alias="name", description="Task name, or NAME@VERSION for one stored version")]
+IfMatch = Annotated[str | None, Header(alias="If-Match", description='"VERSION" (sha256) or *: write only if '
+                                                                     "the task is at that version (else 412)")]
+
+
+class RollbackBody(BaseModel):
+    """Body of POST /prefixes/NAME/rollback."""
+
+    version: str = Field(description="A kept version of the task: full sha256 or a unique prefix (>= 7 digits)")
+
+
+def expected_version(if_match: str | None) -> str | None:
+    """The If-Match header as `expected_version=`: quotes and W/ stripped, '*' kept; None when absent."""
+    if if_match is None:
+        return None
+    value = if_match.strip().removeprefix("W/").strip().strip('"')
+    if value == ANY_VERSION:
+        return value
+    if len(value) != 64:
+        raise APIError(422, f"If-Match: give '*' or the full quoted version (64 hex digits), got {if_match[:80]!r}",
+                       "validation")
+    try:
+        return validate_version(value)
+    except InvalidTaskName as e:
+        raise APIError(422, f"If-Match: {e}", "validation") from None
+
+
+def etag_headers(version: str) -> dict[str, str]:
+    """X-Prefix-Version and ETag (quoted) naming a version."""
+    return {**version_headers(version), "ETag": f'"{version}"'}
 
 
 def manifest_body(name: str, m: Manifest) -> dict[str, Any]:
@@ -92,11 +128,16 @@ async def read_upload(request: Request, limit: int) -> tuple[dict[str, bytes], s
 
 
 @router.put("/{name}")
-async def put_prefix(name: NameParam, request: Request, state: StateDep,
-                     description: Annotated[str | None, Query(description="Replaces the description")] = None
+async def put_prefix(name: NameParam, request: Request, state: StateDep, if_match: IfMatch = None,
+                     description: Annotated[str | None, Query(description="Replaces the description")] = None,
+                     version: Annotated[str | None, Query(description="Move the task to this kept version "
+                                                                      "instead of uploading (a rollback)")] = None
                      ) -> JSONResponse:
     """Upload (or atomically replace) a prefix: a PEFT prefix/prompt-tuning adapter or the native format."""
     validate_task_name(name)
+    expected = expected_version(if_match)
+    if version is not None:
+        return await _set_version(state, name, version, expected)
     limit = state.settings.max_upload_bytes
     files, form_description = await read_upload(request, limit)
     art = await asyncio.to_thread(artifact_from_files, files, state.loaded, max_bytes=limit,
@@ -106,13 +147,36 @@ async def put_prefix(name: NameParam, request: Request, state: StateDep,
         old: Manifest | None = await state.store.get_manifest(name)
     except PrefixNotFound:
         old = None
-    stored = await state.store.put(name, art.manifest, tensors)
-    if old is not None and old.sha256 != stored.sha256:
-        state.cache.drop(old.sha256)  # rows already running keep their pinned copy and finish on it
+    stored = await state.store.put(name, art.manifest, tensors, expected_version=expected)
+    state.tasks.remember(name, stored, previous=old)  # the old version leaves the device cache
     logger.info("stored prefix %s version %s (%s, P=%d)", name, stored.sha256[:12], stored.source,
                 stored.prefix_length)
     return JSONResponse(manifest_body(name, stored), status_code=201 if old is None else 200,
-                        headers=version_headers(stored.sha256))
+                        headers=etag_headers(stored.sha256))
+
+
+async def _set_version(state: AppState, name: str, version: str, expected: str | None) -> JSONResponse:
+    """Move `name` to one of its kept versions and answer its manifest."""
+    m = await state.store.set_version(name, validate_version(version), expected_version=expected)
+    state.tasks.remember(name, m)
+    logger.info("prefix %s rolled to version %s", name, m.sha256[:12])
+    return JSONResponse(manifest_body(name, m), headers=etag_headers(m.sha256))
+
+
+@router.post("/{name}/rollback")
+async def rollback_prefix(name: NameParam, body: RollbackBody, state: StateDep,
+                          if_match: IfMatch = None) -> JSONResponse:
+    """Point the task back at one of its kept versions (see GET /prefixes/NAME/versions)."""
+    return await _set_version(state, validate_task_name(name), body.version, expected_version(if_match))
+
+
+@router.get("/{name}/versions")
+async def list_versions(name: NameParam, state: StateDep) -> dict[str, Any]:
+    """The task's kept versions, newest first; `current` marks the one requests use."""
+    infos = await state.store.list_versions(validate_task_name(name))
+    current = (await state.store.get_manifest(name)).sha256
+    return {"task": name, "versions": [{"version": v.version, "created": v.created, "current": v.version == current,
+                                        "manifest": json.loads(v.manifest.to_json())} for v in infos]}
 
 
 @router.get("")
@@ -122,10 +186,11 @@ async def list_prefixes(state: StateDep) -> dict[str, list[dict[str, Any]]]:
 
 
 @router.get("/{name}")
-async def get_prefix(name: NameParam, state: StateDep) -> JSONResponse:
-    """One prefix's manifest."""
-    m = await state.store.get_manifest(validate_task_name(name))
-    return JSONResponse(manifest_body(name, m), headers=version_headers(m.sha256))
+async def get_prefix(ref: RefParam, state: StateDep) -> JSONResponse:
+    """One prefix's manifest (its current version, or NAME@VERSION)."""
+    name, version = split_task_ref(ref)
+    m = await state.store.get_manifest(name, version)
+    return JSONResponse(manifest_body(name, m), headers=etag_headers(m.sha256))
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -137,13 +202,14 @@ def _zip(files: dict[str, bytes]) -> bytes:
 
 
 @router.get("/{name}/download", response_class=Response)
-async def download_prefix(name: NameParam, state: StateDep,
+async def download_prefix(ref: RefParam, state: StateDep,
                           file: Annotated[str | None, Query(description=f"{MANIFEST_FILE} or {TENSORS_FILE}; "
                                                             "default: a zip of both")] = None) -> Response:
     """The native artifact (manifest.json + prefix.safetensors), re-uploadable with PUT."""
-    m, tensors = await state.store.get(validate_task_name(name))
+    name, version = split_task_ref(ref)
+    m, tensors = await state.store.get(name, version)
     files = {MANIFEST_FILE: m.to_json(), TENSORS_FILE: tensors}
-    headers = version_headers(m.sha256)
+    headers = etag_headers(m.sha256)
     if file is None:
         headers["Content-Disposition"] = f'attachment; filename="{name}.zip"'
         return Response(await asyncio.to_thread(_zip, files), media_type="application/zip", headers=headers)
@@ -155,9 +221,11 @@ async def download_prefix(name: NameParam, state: StateDep,
 
 
 @router.delete("/{name}")
-async def delete_prefix(name: NameParam, state: StateDep) -> dict[str, str]:
-    """Remove a prefix; requests already running on it finish, new ones get 404."""
+async def delete_prefix(name: NameParam, state: StateDep, if_match: IfMatch = None) -> dict[str, str]:
+    """Remove a prefix and its versions; requests already running on it finish, new ones get 404."""
+    expected = expected_version(if_match)
     m = await state.store.get_manifest(validate_task_name(name))
-    await state.store.delete(name)
+    await state.store.delete(name, expected_version=expected)
+    state.tasks.forget(name)
     state.cache.drop(m.sha256)
     return {"task": name, "deleted": m.sha256}

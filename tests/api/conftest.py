@@ -132,3 +132,16 @@ def upload(client: httpx.Client, name: str, files: dict[str, bytes]) -> httpx.Re
     """PUT /prefixes/NAME with the files as multipart parts named `files`."""
     parts = [("files", (n, io.BytesIO(data), "application/octet-stream")) for n, data in files.items()]
     return client.put(f"/prefixes/{name}", files=parts)
+
+
+def native_files(base_model: dict, seed: int, tokens: int = 4) -> dict[str, bytes]:
+    """A native artifact (manifest.json + prefix.safetensors) of random KV for the model `base_model` describes;
+    far cheaper than a PEFT adapter when a test needs many distinct versions."""
+    import torch
+
+    from prefix_store.artifact import build_artifact
+
+    shape = (base_model["num_layers"], 2, base_model["num_kv_heads"], tokens, base_model["head_dim"])
+    kv = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))  # [layers, 2, kv_heads, P, head_dim]
+    manifest, tensors = build_artifact(kv, base_model).to_bytes()
+    return {"manifest.json": manifest, "prefix.safetensors": tensors}
