@@ -14,17 +14,32 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from prefix_store.artifact import Manifest, PrefixArtifact, validate
-from prefix_store.base import (RESYNC, PrefixNotFound, PrefixStore, StoreError, StoreEvent, split_task_ref)
+from prefix_store.base import (RESYNC, PrefixNotFound, PrefixStore, StoreError, StoreEvent, StoreUnavailable,
+                               split_task_ref)
 from server.engine.prefix_cache import DevicePrefix, PrefixCache
 from server.tiers.host import HostCache
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTH_TTL_S = 1.0  # /ready probes within this reuse the last store health answer
 HEALTH_TIMEOUT_S = 2.0  # a store that has not answered its health check by then is reported down
+FAST_FAILURE_S = 0.5  # a store read that failed this fast (a pooled connection from before a restart) is retried
+
+
+async def _read(call: Callable[[], Awaitable[T]]) -> T:
+    """A store read, retried once when it failed fast as unreachable (redis-py can hand out one stale pooled
+    connection per restart); a slow failure (a hung store) is not retried, so the bound on a request stays."""
+    t0 = time.monotonic()
+    try:
+        return await call()
+    except StoreUnavailable:
+        if time.monotonic() - t0 > FAST_FAILURE_S:
+            raise
+    return await call()
 
 
 @dataclass
@@ -65,9 +80,9 @@ class TaskRegistry:
             return current
         self.stats.map_misses += 1
         if version is not None:
-            return await self.store.get_manifest(name, version)
+            return await _read(lambda: self.store.get_manifest(name, version))
         epoch = self._epoch
-        m = await self.store.get_manifest(name)
+        m = await _read(lambda: self.store.get_manifest(name))
         if epoch == self._epoch:  # no event arrived meanwhile: the read is not older than the map
             self.manifests[name] = m
         return m
@@ -109,11 +124,11 @@ class TaskRegistry:
             fut.exception()  # retrieved here, so a failure nobody awaited any more is not logged as lost
 
     async def _fetch(self, name: str, sha: str) -> PrefixArtifact:
-        m, tensors = await self.store.get(name, sha)
+        m, tensors = await _read(lambda: self.store.get(name, sha))
 
         def parse() -> PrefixArtifact:
             art = PrefixArtifact.from_bytes(m.to_json(), tensors, self.max_bytes)
-            validate(art, self.fingerprint)  # a prefix imported for another base model is refused here
+            validate(art, self.fingerprint, check_hash=False)  # hash checked by from_bytes; other models refused
             return art
 
         art = await asyncio.to_thread(parse)
