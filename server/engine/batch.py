@@ -67,13 +67,16 @@ class RunningBatch:
         """The largest number of filled positions among the rows."""
         return max((r.length for r in self.all_rows()), default=0)
 
-    def add(self, row: Row) -> None:
-        """Place a new row at the end of the prefill block and copy its prefix into the cache (once)."""
-        self.cache.reserve(len(self) + 1, max(self.longest(), row.final_length), self.used_len())
-        self.prefilling.append(row)
-        prefix = row.request.prefix
-        if prefix is not None:
-            self.cache.write_prefix(len(self) - 1, prefix.kv)
+    def add(self, rows: list[Row]) -> None:
+        """Place new rows at the end of the prefill block (one cache reservation for all of them) and copy each
+        row's prefix into its cache row (once)."""
+        longest = max([self.longest()] + [r.final_length for r in rows])
+        self.cache.reserve(len(self) + len(rows), longest, self.used_len())
+        for row in rows:
+            self.prefilling.append(row)
+            prefix = row.request.prefix
+            if prefix is not None:
+                self.cache.write_prefix(len(self) - 1, prefix.kv)
 
     def promote(self, row: Row) -> None:
         """Move a fully prefilled row to the end of the decode block."""

@@ -34,6 +34,7 @@ class EngineConfig:
     max_seq_len: int = 2048  # capped by the model's own context length
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step (long prompts are prefilled in chunks)
     kv_cache_bytes: int = 4 * 2**30  # bound on the slot KV cache; admission waits rather than exceed it
+    idle_release_s: float = 5.0  # after this long with nothing to do, the KV buffers shrink back
     eos_token_ids: tuple[int, ...] = ()
 
 
@@ -67,6 +68,7 @@ class Engine:
                                  self.device, loaded.dtype, max_rows=self.config.max_batch_size,
                                  max_len=self.max_seq_len + 1)
         self._mask_min = torch.finfo(loaded.dtype).min
+        self._body, self._head = self._split_head()
         self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
         self._pending: deque[RequestHandle] = deque()
@@ -156,7 +158,10 @@ class Engine:
         while True:
             with self._cv:
                 while not self._pending and not len(self.batch) and not self._stopping:
-                    self._cv.wait()
+                    # idle for idle_release_s: give the memory of the last burst back (a burst that comes sooner
+                    # reuses the buffers instead of growing them again)
+                    if not self._cv.wait(timeout=self.config.idle_release_s):
+                        self.release_idle_memory()
                 if self._stopping and not self._pending and not len(self.batch):
                     return
             try:
@@ -175,17 +180,20 @@ class Engine:
                     h.request.cancelled = True
         self._retire([r for r in self.batch.all_rows() if r.request.cancelled], "cancelled")
         self._admitting = self._admit()
-        for h in self._admitting:
-            r = h.request
-            self.batch.add(Row(h, RowSampler.create(r.params, r.prompt_ids, self.device),
-                               length=r.prefix.length if r.prefix else 0))
+        if self._admitting:
+            self.batch.add([Row(h, RowSampler.create(h.request.params, h.request.prompt_ids, self.device),
+                                length=h.request.prefix.length if h.request.prefix else 0)
+                            for h in self._admitting])
         self._admitting = []
         if self.batch.prefilling:
             self._prefill_chunk()
         if self.batch.decoding:
             self._decode()
+
+    def release_idle_memory(self) -> None:
+        """Shrink the KV buffers back to their initial size if nothing is running or queued."""
         if not len(self.batch) and not self._pending:
-            self.cache.shrink()  # idle: give the memory of the last burst back
+            self.cache.shrink()
 
     @staticmethod
     def _final_length(h: RequestHandle) -> int:
@@ -222,6 +230,25 @@ class Engine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     # ------------------------------------------------------------------ execute
+    def _split_head(self) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+        """(body, head) when logits are just the output embedding of the body's last hidden state, else (None, None).
+
+        Running the body and applying the head to each row's last hidden state (made contiguous) avoids the slow
+        batched-matmul path that HF's `logits_to_keep` slice takes for prefill chunks. Whether a model's logits are
+        that simple (no soft-capping or scaling) is checked once here on a short input, not assumed per family.
+        """
+        body, head = getattr(self.model, "base_model", None), self.model.get_output_embeddings()
+        if body is None or body is self.model or head is None:
+            return None, None
+        ids = torch.arange(1, 5, device=self.device)[None] % self.spec.vocab_size
+        with torch.inference_mode():
+            full = self.model(input_ids=ids).logits[:, -1].float()
+            split = head(body(input_ids=ids).last_hidden_state[:, -1]).float()
+        if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-3, atol=1e-3 * full.abs().max()):
+            logger.info("%s post-processes its logits: using the full forward", self.spec.model_type)
+            return None, None
+        return body, head
+
     def _forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int,
                  ) -> tuple[torch.Tensor, float]:
         """Run the model on rows [row_start, row_start+n); return the last column's logits [n, V] and seconds."""
@@ -232,11 +259,16 @@ class Engine:
         mask = torch.where(j[None, None, None, :] <= write_pos[:, None, :, None], 0.0, self._mask_min)
         mask = mask.to(self.loaded.dtype)
         self.cache.prepare(row_start, write_pos, kv_len)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                      use_cache=True)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], time.perf_counter() - t0
+            if self._head is not None:
+                hidden = self._body(**kwargs).last_hidden_state[:, -1, :].contiguous()  # [n, hidden]
+                logits = self._head(hidden)
+            else:
+                logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+        return logits, time.perf_counter() - t0
 
     def _prefill_chunk(self) -> None:
         """Feed the prefilling rows up to max_prefill_tokens prompt tokens (FIFO); promote rows that are done."""

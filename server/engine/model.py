@@ -64,6 +64,11 @@ def _generic(c: Any) -> dict[str, int]:
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or hidden // heads
     positions = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+    window = getattr(c, "sliding_window", None)
+    if window and getattr(c, "use_sliding_window", True):
+        # the engine passes one full causal mask to every layer; within the window that is what sliding-window
+        # layers compute too, so the context is capped there to stay exact
+        positions = min(positions, window)
     return dict(num_layers=c.num_hidden_layers, num_attention_heads=heads, num_kv_heads=kv_heads,
                 head_dim=head_dim, hidden_size=hidden, max_positions=positions)
 
