@@ -38,19 +38,19 @@ def flops_per_token(model) -> int:
     return 2 * (total - lookups + (head.numel() if tied else 0))
 
 
-def gpt2_small(seed: int = 0) -> LoadedModel:
+def gpt2_small(seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """GPT-2 small's shape (124M parameters) with random weights; no pretrained GPT-2 is reachable here."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config()).eval().requires_grad_(False)
+    model = GPT2LMHeadModel(GPT2Config()).eval().requires_grad_(False).to(dtype)
     return LoadedModel(model, None, spec_from_config(model.config), "gpt2-small-shape (random)",
-                       torch.device("cpu"), torch.float32)
+                       torch.device("cpu"), dtype)
 
 
-def embedded() -> LoadedModel:
+def embedded(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct (real weights)."""
-    return load_model("embedded")
+    return load_model("embedded", dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
 
 
 def make_adapters(loaded: LoadedModel, n_tasks: int, out: Path, lengths: list[int]) -> list[Path]:

@@ -11,6 +11,7 @@ reaches, and tokens/s against batch size for the engine and for PEFT generate (o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import tempfile
@@ -60,10 +61,12 @@ def peft_batches(model, adapters: list[Path], jobs: list[Job], new: int, batch_p
             p = jobs[i].prompt
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
+        # EOS ignored the way the engine ignores it (no stop, not masked): min_new_tokens would mask EOS instead
+        gen = copy.deepcopy(model.generation_config)
+        gen.eos_token_id, gen.max_new_tokens, gen.do_sample, gen.pad_token_id = None, new, False, 0
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, pad_token_id=0)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
         t_total += time.perf_counter() - t0
         for r, i in enumerate(idx):
             ids_out[i] = out[r, width:].tolist()
@@ -147,7 +150,7 @@ def gemm_ceiling(loaded, rows: int) -> float:
     return total_f / total_t
 
 
-def plot(results: list[dict], peak: float, path: Path) -> None:
+def plot(results: list[dict], peak: float, path: Path, dtype: str = "float32") -> None:
     """Bar chart of the four scenarios and the batch-size curve, per model."""
     import matplotlib
 
@@ -175,7 +178,7 @@ def plot(results: list[dict], peak: float, path: Path) -> None:
         ax.set_ylabel("generated tokens / s")
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle(f"prefixserve engine vs HF PEFT generate (fp32 matmul peak {peak / 1e9:.0f} GFLOP/s)")
+    fig.suptitle(f"prefixserve engine vs HF PEFT generate, {dtype} (fp32 matmul peak {peak / 1e9:.0f} GFLOP/s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -191,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--curve", default="1,2,4,8,16,32,64")
     ap.add_argument("--quick", action="store_true", help="skip (iv) PEFT one at a time")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations of both the engine and PEFT (bf16 uses AMX where the CPU has it)")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     args.curve = [int(x) for x in args.curve.split(",") if x]
     logging.basicConfig(level=logging.INFO)
     torch.manual_seed(0)
@@ -203,16 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            loaded = gpt2_small() if name == "gpt2" else embedded()
+            loaded = gpt2_small(dtype=dtype) if name == "gpt2" else embedded(dtype)
             r = bench_model(name, loaded, args, peak, Path(tmp))
             r["gemm_ceiling_flops_at_32"] = gemm_ceiling(loaded, 32)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}, indent=1))
-    doc = {"matmul_peak_flops": peak, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    doc = {"dtype": args.dtype, "matmul_peak_flops": peak, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "args": vars(args), "results": results}
-    (out / "engine.json").write_text(json.dumps(doc, indent=1))
-    plot(results, peak, out / "engine.png")
-    print(f"wrote {out / 'engine.json'} and {out / 'engine.png'}")
+    stem = "engine" if args.dtype == "float32" else f"engine-{args.dtype}"
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+    plot(results, peak, out / f"{stem}.png", args.dtype)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
 
 

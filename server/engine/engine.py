@@ -271,19 +271,25 @@ class Engine:
         return logits, time.perf_counter() - t0
 
     def _prefill_chunk(self) -> None:
-        """Feed the prefilling rows up to max_prefill_tokens prompt tokens (FIFO); promote rows that are done."""
-        rows = list(self.batch.prefilling)
-        budget, chunks = self.config.max_prefill_tokens, []
-        for r in rows:
+        """Feed prefilling rows up to max_prefill_tokens prompt tokens, in block order; promote rows that are done.
+
+        Rows get their chunks in block order, so the rows with work this step are a leading run of the prefill
+        block and the forward covers only them (rows left for the next step cost nothing now).
+        """
+        rows, chunks, budget = [], [], self.config.max_prefill_tokens
+        for r in self.batch.prefilling:
+            if budget <= 0:
+                break
+            rows.append(r)
             chunks.append(min(r.prompt_left, budget))
             budget -= chunks[-1]
         width = max(chunks)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         wpos = torch.full((len(rows), width), self.cache.trash_pos, dtype=torch.long)
         for i, (r, c) in enumerate(zip(rows, chunks)):
-            if c:  # left padding: every row's last token of this chunk sits in the last column
-                ids[i, width - c:] = torch.tensor(r.request.prompt_ids[r.prompt_done:r.prompt_done + c])
-                wpos[i, width - c:] = torch.arange(r.length, r.length + c)
+            # left padding: every row's last token of this chunk sits in the last column
+            ids[i, width - c:] = torch.tensor(r.request.prompt_ids[r.prompt_done:r.prompt_done + c])
+            wpos[i, width - c:] = torch.arange(r.length, r.length + c)
         logits, seconds = self._forward(ids.to(self.device), wpos.to(self.device), len(self.batch.decoding),
                                         max(r.length + c for r, c in zip(rows, chunks)))
         self.stats.prefill_seconds += seconds
@@ -292,7 +298,7 @@ class Engine:
         for r, c in zip(rows, chunks):
             r.length += c
             r.prompt_done += c
-        done = [i for i, (r, c) in enumerate(zip(rows, chunks)) if c and not r.prompt_left]
+        done = [i for i, r in enumerate(rows) if not r.prompt_left]
         for i in done:
             self.batch.promote(rows[i])
         if done:
