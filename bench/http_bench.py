@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="tiny model instead of GPT-2-small shapes")
-    ap.add_argument("--out", default="bench/out/http.json")
+    ap.add_argument("--out", default="bench/out", help="a directory (writes http.json there) or a .json path")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -141,9 +141,11 @@ def main() -> None:
     result = {"model": shape, "clients": args.clients, "requests": n, "tasks": args.tasks,
               "new_tokens": args.new_tokens, "engine": engine, "http": http,
               "ratio": http["tokens_per_s"] / engine["tokens_per_s"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    out = Path(args.out)
+    out = out if out.suffix == ".json" else out / "http.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from server.engine.batch import Row, RunningBatch
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model import LoadedModel
 from server.engine.prefix_cache import DevicePrefix
-from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Request, RequestHandle,
-                                   TokenEvent)
+from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
+                                   RequestHandle, TokenEvent)
 from server.engine.sampling import RowSampler, SamplingParams, choose_tokens
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Engine:
         self._body, self._head = self._split_head()
         self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
+        self._outbox = Outbox()  # this step's events, delivered once per step
         self._pending: deque[RequestHandle] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -169,9 +170,19 @@ class Engine:
             except Exception as e:  # never let one bad step kill the server: fail the rows involved
                 logger.exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
+            self._outbox.flush()
 
     def step(self) -> None:
-        """One iteration: retire cancelled rows, admit, prefill a chunk of prompts, one decode step for the rest."""
+        """One iteration: retire cancelled rows, admit, prefill a chunk of prompts, one decode step for the rest.
+
+        The step's token events and results reach their event loops together at the end of the step.
+        """
+        try:
+            self._step()
+        finally:
+            self._outbox.flush()
+
+    def _step(self) -> None:
         if self._stopping:  # shutting down: everything still here ends as cancelled
             for r in self.batch.all_rows():
                 r.request.cancelled = True
@@ -226,7 +237,8 @@ class Engine:
             r.prefix.release()
         now = time.monotonic()
         h._finish(GenerationResult([], [], reason, len(r.prompt_ids), r.params.seed,
-                                   r.prefix.version if r.prefix else None, r.submitted_at, None, now, error))
+                                   r.prefix.version if r.prefix else None, r.submitted_at, None, now, error),
+                  self._outbox)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     # ------------------------------------------------------------------ execute
@@ -329,7 +341,7 @@ class Engine:
             r.logprobs.append(lp)
             if r.first_token_at is None:
                 r.first_token_at = now
-            r.handle._emit(TokenEvent(t, lp, len(r.tokens) - 1))
+            r.handle._emit(TokenEvent(t, lp, len(r.tokens) - 1), self._outbox)
             p = r.request.params
             if t in self.eos_token_ids and not p.ignore_eos:
                 done.setdefault("eos_token", []).append(r)
@@ -351,7 +363,7 @@ class Engine:
                 req.prefix.release()
             r.handle._finish(GenerationResult(r.tokens, r.logprobs, reason, len(req.prompt_ids), req.params.seed,
                                               req.prefix.version if req.prefix else None, req.submitted_at,
-                                              r.first_token_at, now, error))
+                                              r.first_token_at, now, error), self._outbox)
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     def _fail_all(self, error: str) -> None:

@@ -89,20 +89,17 @@ class RequestHandle:
         """Ask the engine to stop this request; its row is freed at the next step."""
         self.request.cancelled = True
 
-    # -- engine side --
-    def _emit(self, event: TokenEvent) -> None:
+    # -- engine side: called on the engine thread; deliveries to the event loop go through an Outbox --
+    def _emit(self, event: TokenEvent, outbox: Outbox) -> None:
         self.events.append(event)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            outbox.add(self._loop, self._queue, event)
 
-    def _finish(self, result: GenerationResult) -> None:
+    def _finish(self, result: GenerationResult, outbox: Outbox) -> None:
         self._result = result
         self._done.set()
         if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, result)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+            outbox.add(self._loop, self._queue, result)
 
     # -- caller side --
     @property
@@ -134,3 +131,28 @@ class RequestHandle:
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         assert self._result is not None
         return self._result
+
+
+class Outbox:
+    """Events of one engine step, delivered with one wake-up per event loop instead of one per token."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: object) -> None:
+        """Queue an item for a handle's asyncio queue."""
+        self._items.setdefault(loop, []).append((queue, item))
+
+    def flush(self) -> None:
+        """Hand everything collected to the event loops (a closed loop has nobody listening: skipped)."""
+        items, self._items = self._items, {}
+        for loop, batch in items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:
+                pass
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
