@@ -50,7 +50,9 @@ def gpt2_small(seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel
 
 def embedded(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct (real weights)."""
-    return load_model("embedded", dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+    loaded = load_model("embedded", dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
+    loaded.name = "SmolLM2-135M-Instruct (embedded)"
+    return loaded
 
 
 def make_adapters(loaded: LoadedModel, n_tasks: int, out: Path, lengths: list[int]) -> list[Path]:
