@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,12 @@ SHIPPED_LISTEN = "listen 8080;"
 
 
 def require_tool(name: str, hint: str) -> str:
-    """The path of an external tool; a missing one skips locally and fails in CI (CI=true), naming the fix."""
-    path = shutil.which(name)
+    """The path of an external tool; a missing one skips locally and fails in CI (CI=true), naming the fix.
+
+    Tools installed by pip into the test environment are looked up next to the running interpreter too, since
+    `make test` runs the venv's python without activating the venv.
+    """
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
         message = f"{name} not found: {hint}"
         if os.environ.get("CI"):
