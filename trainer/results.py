@@ -1,0 +1,65 @@
+"""Build docs/results.md from training run directories (summary.json) and evaluations (metrics.json).
+
+Usage: python -m trainer.results --row LABEL RUN_DIR EVAL_DIR [--row ...] --out docs/results.md
+RUN_DIR may be '-' for rows without training (the untuned model). Only measured numbers are written; the paper's
+GPT-2 medium numbers are printed beside them for context.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PAPER = [  # Li & Liang (2021), Table 1, E2E test, GPT-2 medium (full E2E training set)
+    ("paper: prefix-tuning, GPT-2 medium", 69.7, 8.81, 46.1, 71.4, 2.49),
+    ("paper: fine-tuning, GPT-2 medium", 68.2, 8.62, 46.2, 71.0, 2.47),
+]
+
+
+def _fmt(v: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v * scale:.{digits}f}"
+
+
+def row(label: str, run_dir: str, eval_dir: str) -> str:
+    """One markdown table row from a run and its evaluation."""
+    ev = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    m = ev["metrics"]
+    s = json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir != "-" else {}
+    trained = f"{100 * s['trained_share']:.3f}%" if s else "0"
+    stored = f"{100 * s['stored_share']:.4f}%" if s else "0"
+    t = f"{s['train_seconds'] / 60:.1f} min / {s['steps']} steps" if s else "-"
+    dec = "greedy" if ev["num_beams"] == 1 else f"beam {ev['num_beams']}"
+    return (f"| {label} | {_fmt(m['BLEU'], 100, 1)} | {_fmt(m['NIST'])} | {_fmt(m['METEOR'], 100, 1)} | "
+            f"{_fmt(m['ROUGE_L'], 100, 1)} | {_fmt(m['CIDEr'])} | {trained} | {stored} | {t} | {dec}, "
+            f"{ev['inputs']} MRs |")
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
+    """The results table with the paper's rows for context."""
+    head = ("| system | BLEU | NIST | METEOR | ROUGE-L | CIDEr | params trained | params stored | training | "
+            "decoding, test MRs |\n|---|---|---|---|---|---|---|---|---|---|")
+    ours = [row(*r) for r in rows]
+    paper = [f"| {p[0]} | {p[1]} | {p[2]} | {p[3]} | {p[4]} | {p[5]} | | | | beam 5, 630 MRs |" for p in PAPER]
+    return "\n".join([head, *ours, *paper])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print (or write with --out) the results table."""
+    ap = argparse.ArgumentParser(prog="python -m trainer.results")
+    ap.add_argument("--row", nargs=3, action="append", metavar=("LABEL", "RUN_DIR", "EVAL_DIR"), default=[])
+    ap.add_argument("--out", help="write the table into this markdown file between the RESULTS markers")
+    args = ap.parse_args(argv)
+    text = table([tuple(r) for r in args.row])
+    if not args.out:
+        print(text)
+        return 0
+    p = Path(args.out)
+    doc = p.read_text() if p.exists() else "<!-- RESULTS -->\n<!-- /RESULTS -->\n"
+    start, end = doc.index("<!-- RESULTS -->"), doc.index("<!-- /RESULTS -->")
+    p.write_text(doc[:start] + "<!-- RESULTS -->\n" + text + "\n" + doc[end:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
