@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -57,18 +57,25 @@ def start_server(model_dir: Path, workdir: Path, **settings) -> Server:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 cwd=Path(__file__).resolve().parents[2])
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    wait_until_up(proc, f"{url}/ready", log, "server", timeout=180)
+    return Server(url, proc, store, log)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log: Path, what: str, timeout: float,
+                  ok: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200) -> None:
+    """Poll `url` until `ok(response)`; raise with the process's log if it exits first or time runs out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+            raise RuntimeError(f"{what} exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return Server(url, proc, store, log)
+            if ok(httpx.get(url, timeout=2)):
+                return
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
+        time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"server not ready in time:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(f"{what} not ready in time:\n{log.read_text()[-4000:]}")
 
 
 def stop_server(server: Server, timeout: float = 30) -> int:

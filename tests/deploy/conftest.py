@@ -7,14 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.api.conftest import free_port
+from tests.api.conftest import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -86,14 +85,5 @@ def start_nginx(workdir: Path, upstreams: list[str]) -> Nginx:
     with open(log, "wb") as out:
         proc = subprocess.Popen(nginx_args(conf), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            httpx.get(f"{url}/health", timeout=2)
-            return Nginx(url, proc, log)
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"nginx did not start:\n{log.read_text()}")
+    wait_until_up(proc, f"{url}/health", log, "nginx", timeout=15, ok=lambda r: True)  # any answer: it listens
+    return Nginx(url, proc, log)
