@@ -1,0 +1,47 @@
+"""`prefixserve train --push URL --task NAME` against the real server: the trained prefix is stored and served."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from server.engine.model import load_model
+from tests.api.conftest import model_dir, start_server, stop_server  # noqa: F401 (fixture)
+from trainer.cli import main
+from trainer.evaluate import load_prefix
+from trainer.generate import generate
+
+ROWS = [{"input": f"name : N{i % 7} | food : F{i % 3}", "output": f"N{i % 7} serves F{i % 3} food."} for i in range(24)]
+PROMPT = "name : N3 | food : F1\n"
+
+
+def test_train_push_is_served(model_dir, tmp_path, capsys):  # noqa: F811 (fixture)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    server = start_server(model_dir, tmp_path, max_new_tokens_default=8)
+    try:
+        assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--max-steps", "3", "--prefix-length", "4", "--mid-dim", "16", "--batch-size", "4",
+                     "--lr", "0.05", "--push", server.url, "--task", "toy"]) == 0
+        pushed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        with server.client() as c:
+            info = c.get("/prefixes/toy")
+            assert info.status_code == 200, info.text
+            body = info.json()
+            assert body["version"] == pushed["version"]
+            assert body["manifest"]["input_format"].startswith("the text of the data file's input column")
+            assert "prefix on toy" in body["manifest"]["description"]
+            params = {"max_new_tokens": 8, "details": True, "ignore_eos_token": True}
+            served = c.post("/generate", params={"task": "toy"}, json={"inputs": PROMPT, "parameters": params})
+            bare = c.post("/generate", json={"inputs": PROMPT, "parameters": params})
+        assert served.status_code == 200 and bare.status_code == 200, (served.text, bare.text)
+    finally:
+        stop_server(server)
+    served_ids = [t["id"] for t in served.json()["details"]["tokens"]]
+    # the trainer's own greedy decoding with the saved prefix, no stop tokens: the same token ids
+    loaded = load_model(str(model_dir), dtype="float32")
+    kv = load_prefix(tmp_path / "run", loaded)
+    with torch.inference_mode():
+        want = generate(loaded.model, loaded.tokenizer(PROMPT)["input_ids"], kv, set(), 1, 8)
+    assert served_ids == want
+    assert served_ids != [t["id"] for t in bare.json()["details"]["tokens"]]  # the prefix changed the output
