@@ -1,11 +1,15 @@
 """The prefix artifact: a JSON manifest plus safetensors tensors. No device code lives here.
 
-Tensor layout (format version 1), all per decoder layer, in the order the model's KV cache holds them:
+Tensor layout (format version 2; each tensor optional, at least one present), keys at index 0 of dim 1, values at 1:
 
-    kv: [num_layers, 2, num_kv_heads, prefix_length, head_dim]      # index 0 of dim 1 = keys, 1 = values
+    kv:         [num_layers, 2, num_kv_heads, prefix_length, head_dim]                  # decoder self-attention
+    encoder_kv: [num_encoder_layers, 2, num_encoder_kv_heads, encoder_prefix_length, encoder_head_dim]
+    cross_kv:   [num_layers, 2, num_kv_heads, cross_prefix_length, head_dim]            # decoder cross-attention
 
-Keys are stored exactly as they sit in the cache (for RoPE models: as cache entries, not re-rotated), which is
-how PEFT's prefix tuning injects them. See docs/artifact-format.md.
+Decoder-only models take `kv` only (format version 1 is exactly that). Keys are stored exactly as they sit in the
+cache (for RoPE models: as cache entries, not re-rotated), which is how PEFT's prefix tuning injects them.
+`positions` says where the decoder input's position ids start: "after_prefix" (at P, PEFT's convention) or
+"from_zero" (Li & Liang's BART code). See docs/artifact-format.md.
 """
 from __future__ import annotations
 
@@ -22,14 +26,35 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: `kv` only, positions "after_prefix"
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "prefix.safetensors"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 _MAX_HEADER_BYTES = 1024 * 1024
 _DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-KV_TENSORS = ("kv",)  # tensor names a decoder-only artifact may carry
+POSITIONS = ("after_prefix", "from_zero")
+
+
+@dataclass(frozen=True)
+class TensorKind:
+    """One prefix tensor: which fingerprint keys give its shape and which manifest field its length."""
+
+    layers: str  # fingerprint key: number of layers
+    heads: str  # fingerprint key: key/value heads
+    head_dim: str  # fingerprint key: head dim
+    length: str  # manifest field: its prefix length
+    needs_encoder: bool  # only for models with an encoder (their fingerprint has num_encoder_layers)
+
+
+# tensor name -> its shape rule; the order is the order of the docs
+TENSOR_KINDS: dict[str, TensorKind] = {
+    "kv": TensorKind("num_layers", "num_kv_heads", "head_dim", "prefix_length", False),
+    "encoder_kv": TensorKind("num_encoder_layers", "num_encoder_kv_heads", "encoder_head_dim",
+                             "encoder_prefix_length", True),
+    "cross_kv": TensorKind("num_layers", "num_kv_heads", "head_dim", "cross_prefix_length", True),
+}
 
 
 class ArtifactError(ValueError):
@@ -60,6 +85,9 @@ class Manifest:
     input_format: str = ""  # how inputs were formatted in training, e.g. "name : X | Type : Y | ..."
     nbytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    encoder_prefix_length: int = 0  # P of `encoder_kv` (0: none)
+    cross_prefix_length: int = 0  # P of `cross_kv` (0: none)
+    positions: str = "after_prefix"  # decoder position ids start at prefix_length, or "from_zero"
 
     @property
     def version(self) -> str:
@@ -86,14 +114,24 @@ class Manifest:
         for name in ("base_model", "prefix_length", "dtype", "sha256"):
             if name not in d:
                 raise ArtifactError(f"manifest.{name}", "present", "missing")
-        if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise ArtifactError("manifest.format_version", FORMAT_VERSION, d.get("format_version"))
+        version = d.get("format_version", FORMAT_VERSION)
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise ArtifactError("manifest.format_version", f"one of {list(READABLE_VERSIONS)}", version)
         types = {"base_model": dict, "prefix_length": int, "dtype": str, "sha256": str, "kind": str,
-                 "description": str, "source": str, "input_format": str, "extra": dict}
+                 "description": str, "source": str, "input_format": str, "extra": dict,
+                 "encoder_prefix_length": int, "cross_prefix_length": int, "positions": str}
         for name, typ in types.items():
             if name in d and (not isinstance(d[name], typ) or isinstance(d[name], bool)):
                 raise ArtifactError(f"manifest.{name}", typ.__name__, type(d[name]).__name__)
-        return cls(**d)
+        m = cls(**d)
+        if m.positions not in POSITIONS:
+            raise ArtifactError("manifest.positions", f"one of {list(POSITIONS)}", m.positions)
+        if version == 1:  # version 1 means: `kv` only, PEFT's positions
+            for name, v1 in (("encoder_prefix_length", 0), ("cross_prefix_length", 0), ("positions", "after_prefix")):
+                if getattr(m, name) != v1:
+                    raise ArtifactError(f"manifest.{name}", f"{v1!r} in format version 1 (use version 2)",
+                                        getattr(m, name))
+        return m
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -115,8 +153,18 @@ class PrefixArtifact:
 
     @property
     def kv(self) -> torch.Tensor:
-        """[num_layers, 2, num_kv_heads, prefix_length, head_dim]."""
+        """Decoder self-attention prefix [num_layers, 2, num_kv_heads, prefix_length, head_dim]."""
         return self.tensors["kv"]
+
+    @property
+    def encoder_kv(self) -> torch.Tensor | None:
+        """Encoder self-attention prefix [encoder_layers, 2, kv_heads, encoder_prefix_length, head_dim], or None."""
+        return self.tensors.get("encoder_kv")
+
+    @property
+    def cross_kv(self) -> torch.Tensor | None:
+        """Decoder cross-attention prefix [num_layers, 2, kv_heads, cross_prefix_length, head_dim], or None."""
+        return self.tensors.get("cross_kv")
 
     def to_bytes(self) -> tuple[bytes, bytes]:
         """(manifest JSON, safetensors) as stored and uploaded."""
@@ -134,17 +182,28 @@ class PrefixArtifact:
         return cls(m, t)
 
 
-def build_artifact(kv: torch.Tensor, fingerprint: dict[str, Any], *, description: str = "", source: str = "native",
-                   input_format: str = "", extra: dict[str, Any] | None = None) -> PrefixArtifact:
-    """Make an artifact from a KV tensor [layers, 2, kv_heads, P, head_dim] (moved to CPU, made contiguous)."""
-    kv = kv.detach().to("cpu").contiguous()
-    if kv.dim() != 5:
-        raise ArtifactError("kv.ndim", 5, kv.dim())
-    tensors = {"kv": kv}
-    m = Manifest(base_model=dict(fingerprint), prefix_length=int(kv.shape[3]),
-                 dtype=_DTYPE_NAMES.get(kv.dtype, str(kv.dtype)), sha256=tensors_sha256(tensors),
-                 description=description, source=source, input_format=input_format,
-                 nbytes=kv.numel() * kv.element_size(), extra=dict(extra or {}))
+def build_artifact(kv: torch.Tensor | None, fingerprint: dict[str, Any], *, encoder_kv: torch.Tensor | None = None,
+                   cross_kv: torch.Tensor | None = None, positions: str = "after_prefix", description: str = "",
+                   source: str = "native", input_format: str = "",
+                   extra: dict[str, Any] | None = None) -> PrefixArtifact:
+    """Make an artifact from its prefix tensors, each [layers, 2, kv_heads, P, head_dim] (moved to CPU, contiguous).
+
+    Any of the three may be None (at least one given); lengths are read from the tensors.
+    """
+    given = {"kv": kv, "encoder_kv": encoder_kv, "cross_kv": cross_kv}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in given.items() if t is not None}
+    if not tensors:
+        raise ArtifactError("tensors", f"at least one of {list(TENSOR_KINDS)}", "none")
+    for name, t in tensors.items():
+        if t.dim() != 5:
+            raise ArtifactError(f"{name}.ndim", 5, t.dim())
+    lengths = {TENSOR_KINDS[name].length: int(t.shape[3]) for name, t in tensors.items()}
+    first = next(iter(tensors.values()))
+    m = Manifest(base_model=dict(fingerprint), prefix_length=lengths.pop("prefix_length", 0),
+                 dtype=_DTYPE_NAMES.get(first.dtype, str(first.dtype)), sha256=tensors_sha256(tensors),
+                 description=description, source=source, input_format=input_format, positions=positions,
+                 nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), extra=dict(extra or {}),
+                 **lengths)
     return PrefixArtifact(m, tensors)
 
 
@@ -193,6 +252,12 @@ def read_safetensors(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[st
         raise ArtifactError("tensors", "a valid safetensors file", str(e)) from None
 
 
+def allowed_tensors(fingerprint: dict[str, Any]) -> list[str]:
+    """The tensor names an artifact for this model may carry: `kv` only, unless the model has an encoder."""
+    has_encoder = "num_encoder_layers" in fingerprint
+    return [name for name, k in TENSOR_KINDS.items() if has_encoder or not k.needs_encoder]
+
+
 def validate(artifact: PrefixArtifact, fingerprint: dict[str, Any], *, check_hash: bool = True) -> None:
     """Check an artifact against the loaded base model; raise ArtifactError naming the first mismatch."""
     m = artifact.manifest
@@ -200,24 +265,38 @@ def validate(artifact: PrefixArtifact, fingerprint: dict[str, Any], *, check_has
         got = m.base_model.get(key)
         if got != want:
             raise ArtifactError(f"base_model.{key}", want, got)
+    allowed = allowed_tensors(fingerprint)
     names = sorted(artifact.tensors)
-    if names != list(KV_TENSORS):
-        raise ArtifactError("tensors", list(KV_TENSORS), names)
-    kv = artifact.kv
-    want_shape = [fingerprint["num_layers"], 2, fingerprint["num_kv_heads"], m.prefix_length,
-                  fingerprint["head_dim"]]
-    if list(kv.shape) != want_shape:
-        raise ArtifactError("tensors.kv.shape", want_shape, list(kv.shape))
-    if m.prefix_length < 1:
-        raise ArtifactError("prefix_length", ">= 1", m.prefix_length)
-    dtype = _DTYPE_NAMES.get(kv.dtype, str(kv.dtype))
-    if dtype != m.dtype:
-        raise ArtifactError("dtype", m.dtype, dtype)
-    if not torch.isfinite(kv).all():
-        bad = int((~torch.isfinite(kv)).sum())
-        raise ArtifactError("tensors.kv", "finite values", f"{bad} NaN/inf values")
+    if not names or not set(names) <= set(allowed):
+        raise ArtifactError("tensors", f"one or more of {allowed}", names)
+    if m.positions not in POSITIONS or ("encoder_kv" not in allowed and m.positions != "after_prefix"):
+        want = POSITIONS if "encoder_kv" in allowed else POSITIONS[:1]
+        raise ArtifactError("positions", f"one of {list(want)}", m.positions)
+    for name, kind in TENSOR_KINDS.items():
+        _validate_tensor(artifact, name, kind, fingerprint)
     if check_hash and tensors_sha256(artifact.tensors) != m.sha256:
         raise ArtifactError("sha256", m.sha256, tensors_sha256(artifact.tensors))
+
+
+def _validate_tensor(artifact: PrefixArtifact, name: str, kind: TensorKind, fingerprint: dict[str, Any]) -> None:
+    m = artifact.manifest
+    length = getattr(m, kind.length)
+    t = artifact.tensors.get(name)
+    if t is None:
+        if length != 0:
+            raise ArtifactError(kind.length, f"0 (no tensor {name})", length)
+        return
+    want_shape = [fingerprint[kind.layers], 2, fingerprint[kind.heads], length, fingerprint[kind.head_dim]]
+    if list(t.shape) != want_shape:
+        raise ArtifactError(f"tensors.{name}.shape", want_shape, list(t.shape))
+    if length < 1:
+        raise ArtifactError(kind.length, ">= 1", length)
+    dtype = _DTYPE_NAMES.get(t.dtype, str(t.dtype))
+    if dtype != m.dtype:
+        raise ArtifactError("dtype", m.dtype, dtype)
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise ArtifactError(f"tensors.{name}", "finite values", f"{bad} NaN/inf values")
 
 
 def save_dir(artifact: PrefixArtifact, path: str | Path) -> Path:

@@ -10,12 +10,14 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import (BartConfig, BartForConditionalGeneration, BartTokenizerFast, GPT2Config, GPT2LMHeadModel,
+                          GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM)
 
 from server.engine.model import LoadedModel, spec_from_config
 
 VOCAB = 50257
 EOS = 50256
+BART_VOCAB = 50265  # BART's layout: <s>=0, <pad>=1, </s>=2, <unk>=3, BPE tokens, <mask> last
 
 
 def gpt2_bpe_files() -> tuple[str, str]:
@@ -35,8 +37,24 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
     return tok
 
 
+def bart_tokenizer() -> BartTokenizerFast:
+    """A BART tokenizer built offline from GPT-2's BPE: BART's special ids (0-3, <mask> last), BPE ids shifted by 4.
+
+    Not facebook/bart-base's id order (that follows fairseq's dictionary), but the same layout and special tokens.
+    """
+    import json
+    vocab_file, merges = gpt2_bpe_files()
+    bpe = json.loads(Path(vocab_file).read_text())
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({t: i + 4 for t, i in bpe.items() if i < EOS})  # GPT-2's <|endoftext|> is BART's </s>
+    vocab["<mask>"] = BART_VOCAB - 1
+    lines = Path(merges).read_text(encoding="utf-8").splitlines()
+    pairs = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    return BartTokenizerFast(vocab=vocab, merges=pairs, model_max_length=1024)
+
+
 def tiny_config(kind: str, **over):
-    """A tiny config of the given family: 'gpt2' or 'llama' (grouped-query attention)."""
+    """A tiny config of the given family: 'gpt2', 'llama' (grouped-query attention) or 'bart' (encoder-decoder)."""
     if kind == "gpt2":
         d = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.3,
                  bos_token_id=EOS, eos_token_id=EOS)
@@ -49,22 +67,37 @@ def tiny_config(kind: str, **over):
                  tie_word_embeddings=False)
         d.update(over)
         return LlamaConfig(**d)
+    if kind == "bart":  # bart-base's shape: bart_base_config()
+        d = dict(vocab_size=BART_VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=512,
+                 init_std=0.3, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        d.update(over)
+        return BartConfig(**d)
     raise ValueError(kind)
+
+
+def bart_base_config(**over) -> BartConfig:
+    """facebook/bart-base's shape (6+6 layers, d_model 768, 12 heads, vocabulary 50265), for random weights."""
+    d = dict(vocab_size=BART_VOCAB, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+             decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
+             forced_bos_token_id=0, forced_eos_token_id=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    d.update(over)
+    return BartConfig(**d)
 
 
 def tiny_model(kind: str, seed: int = 0, **over):
     """A tiny random model in eval mode, same weights for the same seed."""
     torch.manual_seed(seed)
     cfg = tiny_config(kind, **over)
-    model = (GPT2LMHeadModel if kind == "gpt2" else LlamaForCausalLM)(cfg)
-    return model.eval()
+    cls = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "bart": BartForConditionalGeneration}[kind]
+    return cls(cfg).eval()
 
 
 def save_tiny_model_dir(kind: str, path: str | Path, seed: int = 0, **over) -> Path:
     """Write a loadable model directory (config, safetensors weights, tokenizer)."""
     p = Path(path)
     tiny_model(kind, seed, **over).save_pretrained(p)
-    gpt2_tokenizer().save_pretrained(p)
+    (bart_tokenizer() if kind == "bart" else gpt2_tokenizer()).save_pretrained(p)
     return p
 
 

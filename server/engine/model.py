@@ -43,6 +43,9 @@ class ModelSpec:
     max_positions: int
     is_encoder_decoder: bool
     config_hash: str
+    num_encoder_layers: int = 0  # encoder-decoder models only (0: no encoder)
+    num_encoder_kv_heads: int = 0
+    encoder_head_dim: int = 0
 
     @property
     def kv_dim(self) -> int:
@@ -50,11 +53,14 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     def fingerprint(self) -> dict[str, Any]:
-        """The base-model fingerprint stored in every prefix manifest."""
+        """The base-model fingerprint stored in every prefix manifest (encoder fields only where there is one)."""
         d = asdict(self)
         d.pop("max_positions")
         d.pop("num_attention_heads")
         d.pop("is_encoder_decoder")
+        if not self.num_encoder_layers:  # decoder-only fingerprints stay as in format version 1
+            for key in ("num_encoder_layers", "num_encoder_kv_heads", "encoder_head_dim"):
+                d.pop(key)
         return d
 
 
@@ -84,6 +90,9 @@ def _bart(c: Any) -> dict[str, int]:
     d["num_layers"] = c.decoder_layers
     d["num_attention_heads"] = d["num_kv_heads"] = c.decoder_attention_heads
     d["head_dim"] = c.d_model // c.decoder_attention_heads
+    d["num_encoder_layers"] = c.encoder_layers
+    d["num_encoder_kv_heads"] = c.encoder_attention_heads
+    d["encoder_head_dim"] = c.d_model // c.encoder_attention_heads
     return d
 
 
