@@ -7,7 +7,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 from prefix_store.artifact import Manifest
 
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+TENANT_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"  # a tenant's name (server/tenants)
+NAMESPACE_SEP = "~"  # the stored name TENANT~TASK is TENANT's private task (docs/tenants.md); TASK alone is shared
+_TASK_NAME = re.compile(rf"^(?:{TENANT_NAME}{NAMESPACE_SEP})?[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}$")
 _VERSION = re.compile(r"^[0-9a-f]{7,64}$")
 DEFAULT_KEEP_VERSIONS = 5
 
@@ -71,7 +73,8 @@ ANY_VERSION = "*"  # expected_version that only requires the name to exist (If-M
 
 
 def validate_task_name(name: str) -> str:
-    """Return `name` if it is 1-128 of letters, digits, '-', '_', '.' (not starting with '.' or '-'); else raise."""
+    """Return `name` if it is 1-128 of letters, digits, '-', '_', '.' (not starting with '.' or '-'), optionally
+    after `TENANT~` (a tenant's namespace); else raise."""
     if not isinstance(name, str) or not _TASK_NAME.match(name):
         shown = name if isinstance(name, str) and len(name) <= 140 else f"{str(name)[:140]}..."
         raise InvalidTaskName(f"invalid task name {shown!r}: use 1-128 letters, digits, '-', '_' or '.', "

@@ -7,10 +7,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from prefix_store.base import open_store
-from server.api import generate, health, openai, prefixes
+from prefix_store.base import StoreError, open_store
+from prefix_store.counters import open_counters
+from prefix_store.keys import open_key_store
+from server.api import admin, generate, health, openai, prefixes
+from server.api.auth import authenticate
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.metrics import Metrics
@@ -18,6 +21,10 @@ from server.engine.engine import Engine, EngineConfig
 from server.engine.model import load_model
 from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
+from server.tenants.audit import add_audit_file
+from server.tenants.directory import TenantDirectory
+from server.tenants.limits import Limits
+from server.tenants.quotas import Quotas
 from server.tiers.host import HostCache
 from server.tiers.registry import TaskRegistry
 
@@ -43,7 +50,25 @@ def build_state(settings: Settings) -> AppState:
     engine.start()
     logger.info("serving %s on %s (%s), store %s, max batch %d", settings.model, loaded.device, loaded.dtype,
                 store.url, settings.max_batch_size)
-    return AppState(settings, loaded, engine, cache, store, metrics, tasks)
+    tenants = TenantDirectory(open_key_store(store), Limits.from_settings(settings), settings.auth)
+    return AppState(settings, loaded, engine, cache, store, metrics, tasks, tenants, Quotas(open_counters(store)))
+
+
+async def log_auth_mode(state: AppState) -> None:
+    """Say whether requests need keys; loudly when they do not."""
+    try:
+        enabled = await state.tenants.enabled()
+    except StoreError as e:  # requests will tell (401 or 503) once the store answers
+        logger.warning("cannot tell whether auth is on: %s", e)
+        return
+    if enabled:
+        logger.info("auth on (%s): requests need an API key", "required" if state.settings.auth == "required"
+                    else "the store holds tenants")
+        return
+    logger.warning("AUTH IS OFF: the store %s holds no API keys, so anyone who can reach this server may use, "
+                   "upload and delete every prefix. Create a key with `prefixserve keys create --tenant NAME "
+                   "--admin --store ...` (auth turns on at once) or set PREFIXSERVE_AUTH=required.",
+                   state.store.url)
 
 
 @asynccontextmanager
@@ -52,7 +77,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     state = await asyncio.to_thread(build_state, settings)
     watcher = asyncio.create_task(state.tasks.watch(), name="store-watch")
+    audit_file = add_audit_file(settings.audit_log) if settings.audit_log else None
     try:
+        await log_auth_mode(state)
         await state.tasks.preload(settings.preload)
         app.state.prefixserve = state
         yield
@@ -62,6 +89,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(watcher, return_exceptions=True)
         await asyncio.to_thread(state.engine.stop)  # queued and running requests finish as 'cancelled'
         await state.store.close()
+        if audit_file is not None:
+            logging.getLogger("prefixserve.audit").removeHandler(audit_file)
+            audit_file.close()
         logger.info("stopped")
 
 
@@ -74,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.prefixserve = None
     install_error_handlers(app)
-    for module in (health, generate, openai, prefixes):
-        app.include_router(module.router)
+    app.include_router(health.router)  # open: /health, /ready, /metrics (and FastAPI's /docs, /openapi.json)
+    for module in (generate, openai, prefixes, admin):  # every other route needs a key once auth is on
+        app.include_router(module.router, dependencies=[Depends(authenticate)])
     return app

@@ -12,7 +12,7 @@ from importlib import import_module
 from server.settings import Settings
 
 # Modules that add their own subcommands with register(subparsers).
-_PLUGINS = ("server.serve_cli", "trainer.cli")
+_PLUGINS = ("server.serve_cli", "server.tenants.cli", "trainer.cli")
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,25 @@ class Settings(BaseSettings):
                                                                         "between the device cache and the store")
     preload: str = Field("", description="Tasks loaded into the caches at start: 'e2e,webnlg', or '*' for all")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted prefix upload")
+    auth: Literal["auto", "required"] = Field("auto", description="API keys: 'auto' = required as soon as the "
+                                                                   "store holds a tenant (none: auth off, logged "
+                                                                   "loudly), 'required' = always (docs/tenants.md)")
+    quota_requests_per_second: float = Field(0, ge=0, description="Default per-tenant requests per second "
+                                                                  "(burst: max(1, the rate)); 0 = unlimited")
+    quota_tokens_per_minute: int = Field(0, ge=0, description="Default per-tenant tokens (prompt + max_new_tokens) "
+                                                              "per minute; 0 = unlimited")
+    quota_concurrent_requests: int = Field(0, ge=0, description="Default per-tenant requests in flight; "
+                                                                "0 = unlimited")
+    quota_prefixes: int = Field(0, ge=0, description="Default per-tenant number of stored tasks; 0 = unlimited")
+    quota_prefix_bytes: int = Field(0, ge=0, description="Default per-tenant bytes of stored tasks (current "
+                                                         "versions); 0 = unlimited")
+    quota_max_prompt_tokens: int = Field(0, ge=0, description="Default per-tenant longest prompt in tokens; "
+                                                              "0 = the model's limit only")
+    quota_max_new_tokens: int = Field(0, ge=0, description="Default per-tenant largest max_new_tokens; 0 = the "
+                                                           "model's limit only")
+    metrics_max_tenants: int = Field(100, ge=1, description="Tenants named in metric labels; the rest are "
+                                                            "counted as ':other' (bounds the series)")
+    audit_log: str = Field("", description="Also append the audit log (JSON lines) to this file")
     log_level: str = Field("info", description="Logging level")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown "
                                                             "before they are cancelled")

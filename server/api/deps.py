@@ -14,6 +14,8 @@ from server.engine.engine import Engine
 from server.engine.model import LoadedModel
 from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
+from server.tenants.directory import TenantDirectory
+from server.tenants.quotas import Quotas
 from server.tiers.registry import TaskRegistry
 
 
@@ -28,6 +30,8 @@ class AppState:
     store: PrefixStore
     metrics: Metrics
     tasks: TaskRegistry
+    tenants: TenantDirectory
+    quotas: Quotas
 
     @property
     def model_id(self) -> str:

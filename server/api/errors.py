@@ -11,6 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prefix_store.artifact import ArtifactError, ArtifactTooLarge
 from prefix_store.base import InvalidTaskName, PrefixNotFound, StoreError, StoreUnavailable, VersionConflict
 from server.engine.request import EngineOverloaded, EngineStopped
+from server.tenants.directory import Unauthorized
+from server.tenants.quotas import LimitExceeded, QuotaExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,12 @@ def to_api_error(exc: Exception) -> APIError:
     """Map a known exception to its APIError; unknown ones become a 500 (a server fault, never client input)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, Unauthorized):
+        return APIError(401, str(exc), "unauthorized", {"WWW-Authenticate": 'Bearer realm="prefixserve"'})
+    if isinstance(exc, QuotaExceeded):
+        return APIError(429, str(exc), "quota_exceeded", {"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, LimitExceeded):
+        return APIError(exc.status, str(exc), "quota_exceeded" if exc.status == 403 else "validation")
     if isinstance(exc, PrefixNotFound):
         return APIError(404, str(exc), "not_found")
     if isinstance(exc, InvalidTaskName):
@@ -99,5 +107,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     for cls in (APIError, PrefixNotFound, InvalidTaskName, ArtifactError, EngineOverloaded, EngineStopped,
-                StoreError, VersionConflict, Exception):
+                StoreError, VersionConflict, Unauthorized, QuotaExceeded, LimitExceeded, Exception):
         app.add_exception_handler(cls, on_known)
