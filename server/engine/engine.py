@@ -330,10 +330,10 @@ class Engine:
 
     # ------------------------------------------------------------------ update
     def _update(self, rows: list[Row], logits: torch.Tensor) -> None:
-        tokens, logprobs = choose_tokens(logits, [r.sampler for r in rows])
+        tokens, logprobs, tops = choose_tokens(logits, [r.sampler for r in rows])
         now = time.monotonic()
         done: dict[str, list[Row]] = {}
-        for r, t, lp in zip(rows, tokens, logprobs):
+        for r, t, lp, top in zip(rows, tokens, logprobs, tops):
             if r.request.cancelled:
                 done.setdefault("cancelled", []).append(r)
                 continue
@@ -341,7 +341,7 @@ class Engine:
             r.logprobs.append(lp)
             if r.first_token_at is None:
                 r.first_token_at = now
-            r.handle._emit(TokenEvent(t, lp, len(r.tokens) - 1), self._outbox)
+            r.handle._emit(TokenEvent(t, lp, len(r.tokens) - 1, top), self._outbox)
             p = r.request.params
             if t in self.eos_token_ids and not p.ignore_eos:
                 done.setdefault("eos_token", []).append(r)

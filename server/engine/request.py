@@ -29,6 +29,7 @@ class TokenEvent:
     token_id: int
     logprob: float
     index: int  # 0-based position among the generated tokens
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their logprobs, when the request asked
 
 
 @dataclass

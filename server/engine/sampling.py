@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_TOP_LOGPROBS = 20
+Top = tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
 
 @dataclass
 class SamplingParams:
@@ -24,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    top_logprobs: int = 0  # also return the n most likely tokens and their log-probabilities at each step
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -35,6 +39,7 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
              "must be > 0"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, ok, msg in checks:
             if not ok:
@@ -90,8 +95,13 @@ def _sample_row(logits: torch.Tensor, s: RowSampler) -> int:
     return int(torch.multinomial(probs, 1, generator=s.generator))
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[list[int], list[float]]:
-    """Pick one token per row from logits [n, V]; return the ids and their log-probabilities."""
+def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[list[int], list[float], list[Top]]:
+    """Pick one token per row from logits [n, V]; return the ids, their log-probabilities, and each row's
+    `top_logprobs` most likely tokens (empty for rows that did not ask).
+
+    Log-probabilities are of the distribution the row chooses from before temperature and truncation: the model's
+    own (after the repetition penalty), as TGI's details and OpenAI's logprobs report them.
+    """
     logits = logits.float()
     penalised = [i for i, s in enumerate(samplers) if s.params.repetition_penalty != 1.0]
     if penalised:
@@ -102,7 +112,13 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[lis
     for i, s in enumerate(samplers):
         if s.params.do_sample:
             tokens[i] = _sample_row(logits[i], s)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens, device=logits.device)[:, None])
+    logsoftmax = torch.log_softmax(logits, dim=-1)
+    logprobs = logsoftmax.gather(1, torch.tensor(tokens, device=logits.device)[:, None])
+    tops: list[Top] = [() for _ in samplers]
+    for i, s in enumerate(samplers):
+        if s.params.top_logprobs:
+            vals, ids = logsoftmax[i].topk(s.params.top_logprobs)
+            tops[i] = tuple(zip(ids.tolist(), vals.tolist()))
     for i in penalised:
         samplers[i].seen.append(tokens[i])
-    return tokens, logprobs[:, 0].tolist()
+    return tokens, logprobs[:, 0].tolist(), tops
