@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ from server.engine.prefix_cache import DevicePrefix
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
                                    RequestHandle, TokenEvent)
 from server.engine.sampling import RowSampler, SamplingParams, choose_tokens
+from server.engine.scheduler import FairQueue
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class EngineConfig:
     kv_cache_bytes: int = 4 * 2**30  # bound on the slot KV cache; admission waits rather than exceed it
     idle_release_s: float = 5.0  # after this long with nothing to do, the KV buffers shrink back
     eos_token_ids: tuple[int, ...] = ()
+    request_timeout_s: float | None = None  # deadline of every request from submission (queued + generating)
+    prompt_token_weight: float = 1.0  # fair scheduling: cost of a prompt token in a tenant's virtual counter
+    output_token_weight: float = 2.0  # ... and of a generated token (VTC's defaults: output costs twice)
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # share weights (default 1): 2 = twice the tokens
 
 
 @dataclass
@@ -72,7 +77,9 @@ class Engine:
         self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
         self._outbox = Outbox()  # this step's events, delivered once per step
-        self._pending: deque[RequestHandle] = deque()
+        self._pending = FairQueue(self.config.prompt_token_weight, self.config.output_token_weight,
+                                  self.config.tenant_weights)  # waiting requests, per tenant (scheduler.py)
+        self._next_sweep = 0.0  # when the queue is next searched for cancelled or expired requests
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -105,6 +112,11 @@ class Engine:
         """Requests waiting to be admitted."""
         return len(self._pending)
 
+    def queue_depths(self) -> dict[str, int]:
+        """Requests waiting to be admitted, per tenant (tenants with none waiting are absent)."""
+        with self._cv:
+            return self._pending.depths()
+
     @property
     def batch_size(self) -> int:
         """Rows in the running batch (decoding or still prefilling)."""
@@ -130,10 +142,13 @@ class Engine:
                              f"{self.config.kv_cache_bytes} configured")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: DevicePrefix | None = None,
-               tag: str = "", loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        """Queue a request. The prefix must be pinned by the caller; the engine releases it when done.
+               tag: str = "", loop: asyncio.AbstractEventLoop | None = None, tenant: str = "",
+               timeout_s: float | None = None) -> RequestHandle:
+        """Queue a request for `tenant`. The prefix must be pinned by the caller; the engine releases it when done.
 
-        Raises ValueError for invalid settings, EngineOverloaded when the queue is full, EngineStopped.
+        `timeout_s` (default: the config's request_timeout_s) bounds queueing plus generation: past it the request
+        ends with finish_reason 'timeout'. Raises ValueError for invalid settings, EngineOverloaded when the queue
+        is full, EngineStopped.
         """
         params.validate()
         self.check_lengths(len(prompt_ids), prefix.length if prefix else 0, params.max_new_tokens)
@@ -144,13 +159,14 @@ class Engine:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
-        handle = RequestHandle(Request(list(prompt_ids), params, prefix, tag), loop)
+        timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
+        handle = RequestHandle(Request(list(prompt_ids), params, prefix, tag, tenant, timeout_s), loop)
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
             if len(self._pending) >= self.config.max_queue:
                 raise EngineOverloaded(f"the request queue is full ({self.config.max_queue} waiting)")
-            self._pending.append(handle)
+            self._pending.push(handle)
             self._cv.notify()
         return handle
 
@@ -189,7 +205,10 @@ class Engine:
             with self._cv:
                 for h in self._pending:
                     h.request.cancelled = True
+        now = time.monotonic()
         self._retire([r for r in self.batch.all_rows() if r.request.cancelled], "cancelled")
+        self._retire([r for r in self.batch.all_rows() if r.request.expired(now)], "timeout")
+        self._sweep_queue(now)
         self._admitting = self._admit()
         if self._admitting:
             self.batch.add([Row(h, RowSampler.create(h.request.params, h.request.prompt_ids, self.device),
@@ -211,16 +230,26 @@ class Engine:
         r = h.request
         return (r.prefix.length if r.prefix else 0) + len(r.prompt_ids) + r.params.max_new_tokens
 
+    def _sweep_queue(self, now: float) -> None:
+        """A few times a second, end waiting requests that were cancelled or ran out of time (they hold no row)."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 0.25
+        with self._cv:
+            gone = self._pending.remove_if(lambda h: h.request.cancelled or h.request.expired(now))
+        for h in gone:
+            self._finish_unstarted(h, "cancelled" if h.request.cancelled else "timeout")
+
     def _admit(self) -> list[RequestHandle]:
-        """Take queued requests (FIFO) while rows and the KV-cache budget allow."""
+        """Take queued requests, fairly between tenants (scheduler.py), while rows and the KV-cache budget allow."""
         admitted: list[RequestHandle] = []
-        longest = self.batch.longest()
+        longest, now = self.batch.longest(), time.monotonic()
         with self._cv:
             while self._pending and len(self.batch) + len(admitted) < self.config.max_batch_size:
-                h = self._pending[0]
-                if h.request.cancelled:
-                    self._pending.popleft()
-                    self._finish_unstarted(h, "cancelled")
+                h = self._pending.peek()
+                if h.request.cancelled or h.request.expired(now):
+                    self._pending.pop(charge=False)
+                    self._finish_unstarted(h, "cancelled" if h.request.cancelled else "timeout")
                     continue
                 want = max(longest, self._final_length(h))
                 busy = bool(len(self.batch) or admitted)
@@ -228,7 +257,7 @@ class Engine:
                         > self.config.kv_cache_bytes:
                     break  # wait for running rows to finish rather than exceed the KV budget
                 longest = want
-                admitted.append(self._pending.popleft())
+                admitted.append(self._pending.pop())
         return admitted
 
     def _finish_unstarted(self, h: RequestHandle, reason: str, error: str | None = None) -> None:
@@ -349,7 +378,11 @@ class Engine:
                 done.setdefault("stop_sequence", []).append(r)
             elif len(r.tokens) >= p.max_new_tokens:
                 done.setdefault("length", []).append(r)
-        self.stats.generated_tokens += sum(1 for r in rows if not r.request.cancelled)
+        served = Counter(r.request.tenant for r in rows if not r.request.cancelled)
+        self.stats.generated_tokens += sum(served.values())
+        with self._cv:
+            for tenant, n in served.items():
+                self._pending.charge(tenant, output_tokens=n)
         for reason, finished in done.items():
             self._retire(finished, reason)
 
@@ -374,7 +407,7 @@ class Engine:
                 self._finish_unstarted(h, "error", error)
         self._admitting = []
         with self._cv:
-            pending, self._pending = list(self._pending), deque()
+            pending = self._pending.drain()
         for h in pending:
             self._finish_unstarted(h, "error", error)
 

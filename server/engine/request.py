@@ -34,7 +34,7 @@ class TokenEvent:
 
 @dataclass
 class GenerationResult:
-    """The end of a request. finish_reason: length | eos_token | stop_sequence | cancelled | error."""
+    """The end of a request. finish_reason: length | eos_token | stop_sequence | cancelled | timeout | error."""
 
     token_ids: list[int]
     logprobs: list[float]
@@ -61,9 +61,15 @@ class Request:
     params: SamplingParams
     prefix: DevicePrefix | None
     tag: str = ""  # free-form label for metrics (the task name)
+    tenant: str = ""  # whose request: the scheduler shares the engine fairly between tenants
+    timeout_s: float | None = None  # deadline after submission (queue + generation); None: no deadline
     id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+
+    def expired(self, now: float) -> bool:
+        """True once the request's deadline has passed."""
+        return self.timeout_s is not None and now - self.submitted_at > self.timeout_s
 
 
 class RequestHandle:
