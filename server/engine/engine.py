@@ -40,7 +40,6 @@ class EngineConfig:
     request_timeout_s: float | None = None  # deadline of every request from submission (queued + generating)
     prompt_token_weight: float = 1.0  # fair scheduling: cost of a prompt token in a tenant's virtual counter
     output_token_weight: float = 2.0  # ... and of a generated token (VTC's defaults: output costs twice)
-    tenant_weights: dict[str, float] = field(default_factory=dict)  # share weights (default 1): 2 = twice the tokens
 
 
 @dataclass
@@ -77,8 +76,8 @@ class Engine:
         self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
         self._outbox = Outbox()  # this step's events, delivered once per step
-        self._pending = FairQueue(self.config.prompt_token_weight, self.config.output_token_weight,
-                                  self.config.tenant_weights)  # waiting requests, per tenant (scheduler.py)
+        self._pending = FairQueue(self.config.prompt_token_weight,
+                                  self.config.output_token_weight)  # waiting requests, per tenant (scheduler.py)
         self._next_sweep = 0.0  # when the queue is next searched for cancelled or expired requests
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -143,14 +142,17 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: DevicePrefix | None = None,
                tag: str = "", loop: asyncio.AbstractEventLoop | None = None, tenant: str = "",
-               timeout_s: float | None = None) -> RequestHandle:
-        """Queue a request for `tenant`. The prefix must be pinned by the caller; the engine releases it when done.
+               weight: float = 1.0, timeout_s: float | None = None) -> RequestHandle:
+        """Queue a request for `tenant` (share `weight`, see scheduler.py). The prefix must be pinned by the caller;
+        the engine releases it when done.
 
         `timeout_s` (default: the config's request_timeout_s) bounds queueing plus generation: past it the request
         ends with finish_reason 'timeout'. Raises ValueError for invalid settings, EngineOverloaded when the queue
         is full, EngineStopped.
         """
         params.validate()
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
         self.check_lengths(len(prompt_ids), prefix.length if prefix else 0, params.max_new_tokens)
         if any(not 0 <= t < self.spec.vocab_size for t in prompt_ids):
             raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
@@ -160,7 +162,7 @@ class Engine:
             except RuntimeError:
                 loop = None
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
-        handle = RequestHandle(Request(list(prompt_ids), params, prefix, tag, tenant, timeout_s), loop)
+        handle = RequestHandle(Request(list(prompt_ids), params, prefix, tag, tenant, weight, timeout_s), loop)
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")

@@ -62,6 +62,7 @@ class Request:
     prefix: DevicePrefix | None
     tag: str = ""  # free-form label for metrics (the task name)
     tenant: str = ""  # whose request: the scheduler shares the engine fairly between tenants
+    weight: float = 1.0  # the tenant's share weight: 2 = twice the tokens of a weight-1 tenant when both wait
     timeout_s: float | None = None  # deadline after submission (queue + generation); None: no deadline
     id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.monotonic)

@@ -9,8 +9,9 @@ counter among the backlogged tenants (or, when nobody waits, to the counter of t
 spent idle is not banked as credit to flood with later. Ties go to the request that arrived first.
 
 Priorities are share weights, not classes: a tenant of weight 2 is charged half per token, so while both are
-backlogged it gets twice the tokens of a tenant of weight 1; nobody is starved. The engine knows tenants only as
-strings (""= anonymous, one tenant like any other); the queue is not thread-safe: the engine holds its lock.
+backlogged it gets twice the tokens of a tenant of weight 1; nobody is starved. A tenant's weight comes with its
+requests (`Request.weight`, the latest one counts). The engine knows tenants only as strings ("" = anonymous, one
+tenant like any other); the queue is not thread-safe: the engine holds its lock.
 """
 from __future__ import annotations
 
@@ -26,14 +27,11 @@ MAX_IDLE_COUNTERS = 4096  # idle tenants' counters kept before those that would 
 class FairQueue:
     """Waiting requests, one FIFO per tenant, served by smallest virtual token counter (see the module docstring)."""
 
-    def __init__(self, prompt_weight: float = 1.0, output_weight: float = 2.0,
-                 tenant_weights: dict[str, float] | None = None):
+    def __init__(self, prompt_weight: float = 1.0, output_weight: float = 2.0):
         if prompt_weight < 0 or output_weight < 0 or prompt_weight + output_weight <= 0:
             raise ValueError("token weights must be >= 0 and not both 0")
-        if any(w <= 0 for w in (tenant_weights or {}).values()):
-            raise ValueError("tenant weights must be > 0")
         self.prompt_weight, self.output_weight = prompt_weight, output_weight
-        self.tenant_weights = dict(tenant_weights or {})
+        self._weights: dict[str, float] = {}  # share weights other than 1
         self._queues: dict[str, deque[tuple[int, RequestHandle]]] = {}  # backlogged tenants only
         self._counters: dict[str, float] = {}
         self._floor = 0.0  # counter of the tenant admitted last: the lift when nobody is backlogged
@@ -58,7 +56,13 @@ class FairQueue:
 
     def push(self, handle: RequestHandle) -> None:
         """Queue a request behind its tenant's earlier ones; lift a newly backlogged tenant's counter."""
-        tenant = handle.request.tenant
+        tenant, weight = handle.request.tenant, handle.request.weight
+        if weight <= 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        if weight != 1.0:
+            self._weights[tenant] = weight
+        else:
+            self._weights.pop(tenant, None)
         q = self._queues.get(tenant)
         if q is None:
             lift = min((self._counters.get(t, 0.0) for t in self._queues), default=self._floor)
@@ -91,7 +95,7 @@ class FairQueue:
     def charge(self, tenant: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
         """Add served tokens to a tenant's counter (weighted, divided by the tenant's share weight)."""
         cost = prompt_tokens * self.prompt_weight + output_tokens * self.output_weight
-        self._counters[tenant] = self._counters.get(tenant, 0.0) + cost / self.tenant_weights.get(tenant, 1.0)
+        self._counters[tenant] = self._counters.get(tenant, 0.0) + cost / self._weights.get(tenant, 1.0)
 
     def remove_if(self, pred: Callable[[RequestHandle], bool]) -> list[RequestHandle]:
         """Take out (uncharged) every waiting request for which `pred` is true; return them in arrival order."""
@@ -122,3 +126,4 @@ class FairQueue:
         """Drop counters of idle tenants that a lift would raise anyway (at or below the floor)."""
         for t in [t for t, c in self._counters.items() if t not in self._queues and c <= self._floor]:
             del self._counters[t]
+            self._weights.pop(t, None)

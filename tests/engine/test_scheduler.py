@@ -9,8 +9,8 @@ from server.engine.sampling import SamplingParams
 from server.engine.scheduler import MAX_IDLE_COUNTERS, FairQueue
 
 
-def req(tenant: str, prompt_len: int = 10, tag: str = "") -> RequestHandle:
-    return RequestHandle(Request(list(range(1, prompt_len + 1)), SamplingParams(), None, tag, tenant), None)
+def req(tenant: str, prompt_len: int = 10, tag: str = "", weight: float = 1.0) -> RequestHandle:
+    return RequestHandle(Request(list(range(1, prompt_len + 1)), SamplingParams(), None, tag, tenant, weight), None)
 
 
 def admit_all(q: FairQueue, output_tokens: int = 0) -> list[RequestHandle]:
@@ -80,14 +80,14 @@ def test_lift_when_nobody_waits_uses_the_last_admitted_counter():
 
 
 def test_tenant_weights_share_tokens_in_proportion():
-    q = FairQueue(tenant_weights={"gold": 2.0})
+    q = FairQueue()
     for _ in range(30):
-        q.push(req("gold"))
+        q.push(req("gold", weight=2.0))
         q.push(req("plain"))
     first = [h.request.tenant for h in admit_all(q)][:30]
     assert first.count("gold") == 20 and first.count("plain") == 10
     with pytest.raises(ValueError):
-        FairQueue(tenant_weights={"x": 0})
+        q.push(req("x", weight=0))
 
 
 def test_remove_if_and_drain_keep_order_and_count_without_charging():
@@ -151,6 +151,8 @@ def test_queue_depths_per_tenant(loaded):
     assert engine.queue_depths() == {"x": 2, "y": 1, "": 1} and engine.queue_depth == 4
     _first_token_steps(engine, hs, steps=20)
     assert engine.queue_depths() == {} and engine.queue_depth == 0
+    with pytest.raises(ValueError, match="weight"):
+        engine.submit([1, 2], params, tenant="x", weight=0, loop=None)
 
 
 def test_deadline_ends_queued_and_running_requests_with_timeout(loaded):
