@@ -1,8 +1,9 @@
 """Build docs/results.md from training run directories (summary.json) and evaluations (metrics.json).
 
-Usage: python -m trainer.results --row LABEL RUN_DIR EVAL_DIR [--row ...] --out docs/results.md
+Usage: python -m trainer.results --row LABEL RUN_DIR EVAL_DIR [--row ...] --out docs/results.md [--update]
 RUN_DIR may be '-' for rows without training (the untuned model). Only measured numbers are written; the paper's
-GPT-2 medium numbers are printed beside them for context.
+GPT-2 medium numbers are printed beside them for context. With --update, the rows already in --out stay (a row with
+the same label is replaced), so rows measured in different sessions need not all be re-run to add one.
 """
 from __future__ import annotations
 
@@ -35,11 +36,17 @@ def row(label: str, run_dir: str, eval_dir: str) -> str:
             f"{ev['inputs']} MRs |")
 
 
-def table(rows: list[tuple[str, str, str]]) -> str:
-    """The results table with the paper's rows for context."""
+def _label(line: str) -> str:
+    return line.split("|")[1].strip()
+
+
+def table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
+    """The results table: `kept` rows (markdown lines) with same-label rows replaced, new rows appended, then the
+    paper's rows for context."""
     head = ("| system | BLEU | NIST | METEOR | ROUGE-L | CIDEr | params trained | params stored | training | "
             "decoding, test MRs |\n|---|---|---|---|---|---|---|---|---|---|")
-    ours = [row(*r) for r in rows]
+    new = {label: row(label, run, ev) for label, run, ev in rows}
+    ours = [new.pop(_label(line), line) for line in kept] + list(new.values())
     paper = [f"| {p[0]} | {p[1]} | {p[2]} | {p[3]} | {p[4]} | {p[5]} | | | | beam 5, 630 MRs |" for p in PAPER]
     return "\n".join([head, *ours, *paper])
 
@@ -49,14 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.results")
     ap.add_argument("--row", nargs=3, action="append", metavar=("LABEL", "RUN_DIR", "EVAL_DIR"), default=[])
     ap.add_argument("--out", help="write the table into this markdown file between the RESULTS markers")
+    ap.add_argument("--update", action="store_true", help="keep the rows already in --out (same label: replaced)")
     args = ap.parse_args(argv)
-    text = table([tuple(r) for r in args.row])
-    if not args.out:
+    p = Path(args.out) if args.out else None
+    doc = p.read_text() if p and p.exists() else "<!-- RESULTS -->\n<!-- /RESULTS -->\n"
+    start, end = doc.index("<!-- RESULTS -->"), doc.index("<!-- /RESULTS -->")
+    paper = {entry[0] for entry in PAPER}
+    kept = [line for line in doc[start:end].splitlines()[3:] if line.startswith("| ") and _label(line) not in paper]
+    text = table([tuple(r) for r in args.row], kept if args.update else [])
+    if not p:
         print(text)
         return 0
-    p = Path(args.out)
-    doc = p.read_text() if p.exists() else "<!-- RESULTS -->\n<!-- /RESULTS -->\n"
-    start, end = doc.index("<!-- RESULTS -->"), doc.index("<!-- /RESULTS -->")
     p.write_text(doc[:start] + "<!-- RESULTS -->\n" + text + "\n" + doc[end:])
     return 0
 

@@ -24,3 +24,24 @@ def test_results_table_from_run_and_eval_dirs(tmp_path):
     assert "| untuned | 61.7 | 7.35 | 39.9 | 65.0 | 2.14 | 0 | 0 | - |" in text
     assert "old" not in text and text.startswith("intro\n") and text.endswith("notes\n")
     assert "paper: prefix-tuning, GPT-2 medium | 69.7" in text
+
+
+def test_update_keeps_existing_rows_and_replaces_same_label(tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps({"metrics": {"BLEU": 0.5, "NIST": 6.0, "METEOR": None,
+                                                             "ROUGE_L": 0.6, "CIDEr": 1.5},
+                                                 "num_beams": 1, "inputs": 10}))
+    out = tmp_path / "results.md"
+    out.write_text("intro\n<!-- RESULTS -->\n<!-- /RESULTS -->\nnotes\n")
+    assert main(["--row", "a", "-", str(ev), "--row", "b", "-", str(ev), "--out", str(out)]) == 0
+    (ev / "metrics.json").write_text(json.dumps({"metrics": {"BLEU": 0.25, "NIST": 6.0, "METEOR": None,
+                                                             "ROUGE_L": 0.6, "CIDEr": 1.5},
+                                                 "num_beams": 1, "inputs": 10}))
+    assert main(["--row", "a", "-", str(ev), "--row", "c", "-", str(ev), "--out", str(out), "--update"]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "system" not in line]
+    assert [r.split("|")[1].strip() for r in rows][:3] == ["a", "b", "c"]
+    assert rows[0].startswith("| a | 25.0 |") and rows[1].startswith("| b | 50.0 |") and "| n/a |" in rows[1]
+    assert sum("paper: prefix-tuning" in r for r in rows) == 1  # the paper's rows are not kept twice
+    assert main(["--row", "c", "-", str(ev), "--out", str(out)]) == 0  # without --update: only the given rows
+    assert "| a |" not in out.read_text()
