@@ -43,9 +43,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, workdir: Path, **settings) -> Server:
-    """Run `prefixserve serve` and wait for /ready (raises with the log on failure)."""
-    port = free_port()
+def start_server(model_dir: Path, workdir: Path, port: int | None = None, **settings) -> Server:
+    """Run `prefixserve serve` (on `port`, default a free one) and wait for /ready (raises with the log on failure)."""
+    port = port or free_port()
     store = workdir / "store"
     log = workdir / "server.log"
     args = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store", str(store),
