@@ -1,9 +1,12 @@
 """Decoding for evaluation: greedy and beam search, with an optional KV prefix served as the engine serves it.
 
 One input at a time (beam search runs its beams as the batch). The prefix sits at cache positions 0..P-1 and the
-prompt starts at position P, exactly as in training and in the server.
+prompt starts at position P, exactly as in training and in the server. `beam_search` is shared with BART
+(`trainer.seq2seq.Seq2SeqSteps`); only the per-step forward differs.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -21,18 +24,58 @@ def _step(model: nn.Module, ids: torch.Tensor, cache, start: int, total: int) ->
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+class Steps(Protocol):
+    """One input's decoding state for `beam_search`: the first log-probs, one step per beam, beam reordering."""
+
+    def start_logp(self) -> torch.Tensor:
+        """Log-probs of the first generated token [1, V]."""
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Log-probs [n, V] after appending tokens[i] to beam i."""
+
+    def reorder(self, beams: torch.Tensor) -> None:
+        """Beam i continues from old beam beams[i] (called before `step`)."""
+
+
+class CausalSteps:
+    """Beam-search steps for a decoder-only model: the prompt after the prefix, then one token per beam."""
+
+    def __init__(self, model: nn.Module, prompt_ids: list[int], kv: torch.Tensor | None):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.dev = next(model.parameters()).device
+        self.p = 0 if kv is None else kv.shape[3]
+        self.cache = prefix_cache(model, kv.to(self.dev), 1) if kv is not None else DynamicCache(config=model.config)
+        self.prompt = prompt_ids
+        self.cur = self.p + len(prompt_ids)
+
+    def start_logp(self) -> torch.Tensor:
+        """Log-probs of the first generated token [1, V]."""
+        return _step(self.model, torch.tensor([self.prompt], device=self.dev), self.cache, self.p, self.cur)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Log-probs [n, V] after appending one token to each beam."""
+        self.cur += 1
+        return _step(self.model, torch.tensor(tokens, device=self.dev)[:, None], self.cache, self.cur - 1, self.cur)
+
+    def reorder(self, beams: torch.Tensor) -> None:
+        """Keep / duplicate beams."""
+        self.cache.reorder_cache(beams)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: list[int], kv: torch.Tensor | None, stop_ids: set[int],
              num_beams: int = 1, max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[int]:
     """Generated token ids (stop token excluded). num_beams=1 is greedy; beams are ranked by logprob/len**lp."""
-    from transformers import DynamicCache
+    return beam_search(CausalSteps(model, prompt_ids, kv), stop_ids, num_beams, max_new_tokens, length_penalty)
 
-    dev = next(model.parameters()).device
-    p = 0 if kv is None else kv.shape[3]
-    cache = prefix_cache(model, kv.to(dev), 1) if kv is not None else DynamicCache(config=model.config)
-    ids = torch.tensor([prompt_ids], device=dev)
-    cur = p + len(prompt_ids)
-    logp = _step(model, ids, cache, p, cur)  # [1, V]
+
+def beam_search(steps: Steps, stop_ids: set[int], num_beams: int = 1, max_new_tokens: int = 64,
+                length_penalty: float = 1.0) -> list[int]:
+    """Greedy (num_beams=1) or beam search over `steps` (start_logp(), step(tokens), reorder(beams))."""
+    logp = steps.start_logp()  # [1, V]
+    dev = logp.device
     seqs: list[list[int]] = [[]]
     scores = torch.zeros(1, device=dev)
     finished: list[tuple[float, list[int]]] = []
@@ -61,9 +104,8 @@ def generate(model: nn.Module, prompt_ids: list[int], kv: torch.Tensor | None, s
             break
         seqs = [seqs[b] + [t] for b, t in zip(keep_beam, keep_tok)]
         scores = torch.tensor(keep_s, device=dev)
-        cache.reorder_cache(torch.tensor(keep_beam, device=dev))
-        cur += 1
-        logp = _step(model, torch.tensor(keep_tok, device=dev)[:, None], cache, cur - 1, cur)
+        steps.reorder(torch.tensor(keep_beam, device=dev))
+        logp = steps.step(keep_tok)
     else:  # length limit: unfinished beams compete with the finished ones
         finished += [(s / max(len(q), 1) ** length_penalty, q) for s, q in zip(scores.tolist(), seqs)]
     return max(finished, key=lambda f: f[0])[1] if finished else seqs[0]

@@ -3,7 +3,8 @@
 Every method exposes the same three things to the training loop: `forward(input_ids, attention_mask) -> logits`
 over the input positions, the parameters it trains, and `prefix_kv()` — the KV prefix the server serves
 ([layers, 2, kv_heads, P, head_dim], cache entries as PEFT's prefix tuning injects them), or None for methods that
-change the model's weights (LoRA, fine-tuning).
+change the model's weights (LoRA, fine-tuning); `prefix_tensors()` gives it as the artifact's tensors. The BART
+(encoder-decoder) task model, with its three prefixes, is `trainer.seq2seq.Seq2SeqTaskModel`.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ class MethodConfig:
     """How the task module is built."""
 
     method: str = "prefix"
-    prefix_length: int = 10
-    mid_dim: int = 512  # width of the reparametrisation MLP (prefix only)
+    prefix_length: int = 10  # decoder self-attention prefix (`kv`); for BART 0 leaves it out
+    encoder_prefix_length: int | None = None  # BART only: encoder self-attention prefix; None = prefix_length
+    cross_prefix_length: int | None = None  # BART only: cross-attention prefix; None = prefix_length
+    mid_dim: int = 512  # width of the reparametrisation MLP (prefix only; the paper used 800 for summarisation)
     dropout: float = 0.0  # dropout on the prefix KV during training (prefix, prefix-direct)
     init: str = "random"  # random | words: start from the activations (embeddings) of `init_text`
     init_text: str = "table-to-text:"
@@ -73,24 +76,21 @@ def _word_ids(loaded: LoadedModel, text: str, length: int) -> torch.Tensor:
     return torch.tensor([ids[i % len(ids)] for i in range(length)], device=loaded.device)
 
 
-class PrefixEncoder(nn.Module):
+class PrefixMLP(nn.Module):
     """Per-layer key/value prefixes, optionally reparametrised by Embedding(P, hidden) -> MLP (Li & Liang 2021)."""
 
-    def __init__(self, loaded: LoadedModel, cfg: MethodConfig, reparam: bool):
+    def __init__(self, length: int, layers: int, kv_heads: int, head_dim: int, hidden: int, cfg: MethodConfig,
+                 reparam: bool):
         super().__init__()
-        s = loaded.spec
-        self.shape = (cfg.prefix_length, s.num_layers, 2, s.num_kv_heads, s.head_dim)
-        out = s.num_layers * 2 * s.kv_dim
+        self.shape = (length, layers, 2, kv_heads, head_dim)
+        out = layers * 2 * kv_heads * head_dim
         self.reparam = reparam
         if reparam:
-            self.embedding = nn.Embedding(cfg.prefix_length, s.hidden_size)
-            self.mlp = nn.Sequential(nn.Linear(s.hidden_size, cfg.mid_dim), nn.Tanh(), nn.Linear(cfg.mid_dim, out))
+            self.embedding = nn.Embedding(length, hidden)
+            self.mlp = nn.Sequential(nn.Linear(hidden, cfg.mid_dim), nn.Tanh(), nn.Linear(cfg.mid_dim, out))
         else:
-            self.kv = nn.Parameter(torch.randn(cfg.prefix_length, out) * 0.02)  # [P, layers*2*kv_dim]
+            self.kv = nn.Parameter(torch.randn(length, out) * 0.02)  # [P, layers*2*kv_dim]
         self.dropout = nn.Dropout(cfg.dropout)
-        self.to(loaded.device)
-        if cfg.init == "words":
-            self._init_from(_words_kv(loaded, cfg.init_text, cfg.prefix_length))
 
     def flat(self) -> torch.Tensor:
         """[P, layers*2*kv_dim], PEFT's prompt_embeddings layout."""
@@ -119,6 +119,17 @@ class PrefixEncoder(nn.Module):
         logger.info("prefix MLP fitted to the activations of the init words (mse %.4g)", loss.item())
 
 
+class PrefixEncoder(PrefixMLP):
+    """The decoder-only model's prefix (`kv`), shaped by its spec; optionally started from real words."""
+
+    def __init__(self, loaded: LoadedModel, cfg: MethodConfig, reparam: bool):
+        s = loaded.spec
+        super().__init__(cfg.prefix_length, s.num_layers, s.num_kv_heads, s.head_dim, s.hidden_size, cfg, reparam)
+        self.to(loaded.device)
+        if cfg.init == "words":
+            self._init_from(_words_kv(loaded, cfg.init_text, cfg.prefix_length))
+
+
 class PromptEncoder(nn.Module):
     """Trainable input embeddings [P, hidden] placed before the inputs at positions 0..P-1 (prompt tuning)."""
 
@@ -136,10 +147,14 @@ class PromptEncoder(nn.Module):
 class TaskModel(nn.Module):
     """A frozen base model plus one method's trainable parameters."""
 
+    positions = "after_prefix"  # the prompt starts at position P, as PEFT and the server place it
+
     def __init__(self, loaded: LoadedModel, cfg: MethodConfig):
         super().__init__()
         if cfg.method not in METHODS:
             raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
+        if cfg.encoder_prefix_length is not None or cfg.cross_prefix_length is not None:
+            raise ValueError("encoder/cross prefix lengths apply to encoder-decoder models (BART) only")
         self.loaded, self.cfg = loaded, cfg
         self.model = loaded.model
         self.model.requires_grad_(False)
@@ -184,12 +199,17 @@ class TaskModel(nn.Module):
             return prompt_tuning_to_kv(self.loaded, self.encoder.embeddings.detach())
         return None
 
+    def prefix_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The artifact's tensors ({"kv": ...}), or None for weight methods."""
+        kv = self.prefix_kv() if self.encoder is not None else None
+        return None if kv is None else {"kv": kv}
 
-def parameter_counts(task: TaskModel) -> dict[str, int | float]:
+
+def parameter_counts(task: nn.Module) -> dict[str, int | float]:
     """Trained parameters (MLP included), parameters stored in the artifact, base-model size, and their shares."""
     base = sum(p.numel() for n, p in task.model.named_parameters() if "lora_" not in n)
     trained = sum(p.numel() for p in task.trainable_parameters())
-    kv = task.prefix_kv() if task.encoder is not None else None
-    stored = kv.numel() if kv is not None else trained
+    tensors = task.prefix_tensors()
+    stored = sum(t.numel() for t in tensors.values()) if tensors else trained
     return {"base_params": base, "trained_params": trained, "stored_params": stored,
             "trained_share": trained / base, "stored_share": stored / base}
