@@ -20,14 +20,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=0)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=5)
-    p.add_argument("--prefix-length", type=int, default=10)
-    p.add_argument("--mid-dim", type=int, default=512)
+    p.add_argument("--prefix-length", type=int, default=10,
+                   help="prefix length (BART: of the decoder self-attention prefix; 0 leaves it out)")
+    p.add_argument("--encoder-prefix-length", type=int, default=None,
+                   help="BART: encoder self-attention prefix length (default --prefix-length; 0 leaves it out)")
+    p.add_argument("--cross-prefix-length", type=int, default=None,
+                   help="BART: cross-attention prefix length (default --prefix-length; 0 leaves it out)")
+    p.add_argument("--mid-dim", type=int, default=512, help="reparametrisation MLP width (paper: 512; 800 for "
+                   "BART summarisation)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--init", choices=("random", "words"), default="random")
     p.add_argument("--init-text", default="table-to-text:")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--max-train", type=int, default=0, help="subsample this many training pairs (seeded)")
+    p.add_argument("--max-valid", type=int, default=200, help="validation pairs (a seeded subsample; 0: all)")
+    p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -72,12 +80,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.push and not args.task:
         print("--push needs --task NAME", file=sys.stderr)
         return 2
-    mcfg = MethodConfig(method=args.method, prefix_length=args.prefix_length, mid_dim=args.mid_dim,
-                        dropout=args.dropout, init=args.init, init_text=args.init_text)
+    mcfg = MethodConfig(method=args.method, prefix_length=args.prefix_length,
+                        encoder_prefix_length=args.encoder_prefix_length, cross_prefix_length=args.cross_prefix_length,
+                        mid_dim=args.mid_dim, dropout=args.dropout, init=args.init, init_text=args.init_text)
     cfg = TrainConfig(method=mcfg, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
                       batch_size=args.batch_size, warmup_steps=args.warmup_steps, max_len=args.max_len,
-                      max_train=args.max_train, eval_every=args.eval_every, save_every=args.save_every,
-                      seed=args.seed)
+                      max_train=args.max_train, max_valid=args.max_valid, log_every=args.log_every,
+                      eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     loaded = load_model(args.model, device=args.device, dtype="float32")
     data = load_data(args.data, seed=args.seed)
     s = train(loaded, data, cfg, args.out)

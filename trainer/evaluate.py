@@ -16,6 +16,7 @@ from server.engine.model import LoadedModel
 from trainer.data import Example, group_references, prompt_for
 from trainer.generate import generate, stop_token_ids
 from trainer.metrics import e2e_metrics
+from trainer.seq2seq import Seq2SeqPrefix, generate_seq2seq
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +24,22 @@ DEFAULT_INSTRUCTION = ("Write one fluent English sentence (or two) that expresse
                        "structured input.")
 
 
-def load_prefix(path: str | Path, loaded: LoadedModel) -> torch.Tensor:
-    """The validated KV prefix from an artifact directory (or a training run directory holding prefix/)."""
+# ModelSpec.is_encoder_decoder -> (decode one input, what decoding takes from an artifact)
+DECODERS = {
+    False: (generate, lambda art: art.kv),  # the KV prefix [layers, 2, kv_heads, P, head_dim]
+    True: (generate_seq2seq, Seq2SeqPrefix.from_artifact),  # BART: up to three tensors and their positions
+}
+
+
+def load_prefix(path: str | Path, loaded: LoadedModel) -> torch.Tensor | Seq2SeqPrefix:
+    """The validated prefix from an artifact directory (or a training run directory holding prefix/), as this
+    model kind's decoding takes it: the `kv` tensor (decoder-only) or a `Seq2SeqPrefix` (BART)."""
     p = Path(path)
     if (p / "prefix").is_dir():
         p = p / "prefix"
     art = load_dir(p)
     validate(art, loaded.spec.fingerprint())
-    return art.kv
+    return DECODERS[loaded.spec.is_encoder_decoder][1](art)
 
 
 def few_shot_prompt(instruction: str, shots: list[Example], text: str) -> str:
@@ -48,19 +57,21 @@ def select_inputs(examples: list[Example], max_inputs: int, seed: int) -> tuple[
     return inputs, refs
 
 
-def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | None, examples: list[Example], *,
+def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPrefix | None,
+             examples: list[Example], *,
              num_beams: int = 5, max_new_tokens: int = 64, max_inputs: int = 0, seed: int = 0,
              shots: list[Example] | None = None, instruction: str = "", out: str | Path | None = None,
              progress: bool = True, use_java: bool | None = None) -> dict:
     """Decode and score; writes predictions.jsonl and metrics.json into `out` when given."""
     tok = loaded.tokenizer
     stops = stop_token_ids(tok)
+    decode = DECODERS[loaded.spec.is_encoder_decoder][0]
     inputs, refs = select_inputs(examples, max_inputs, seed)
     model.eval()
     hyps, t0 = [], time.perf_counter()
     for text in tqdm(inputs, disable=not progress, desc=f"decode beam={num_beams}"):
         prompt = few_shot_prompt(instruction, shots or [], text) if instruction or shots else prompt_for(text)
-        ids = generate(model, tok(prompt)["input_ids"], kv, stops, num_beams, max_new_tokens)
+        ids = decode(model, tok(prompt)["input_ids"], kv, stops, num_beams, max_new_tokens)
         hyps.append(tok.decode(ids, skip_special_tokens=True).strip())
     decode_s = time.perf_counter() - t0
     scores = e2e_metrics(hyps, refs, use_java)

@@ -13,8 +13,10 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from prefix_store.artifact import PrefixArtifact, build_artifact, save_dir
@@ -22,6 +24,7 @@ from prefix_store.peft_io import export_peft, write_dir
 from server.engine.model import LoadedModel
 from trainer.data import DataSplits, Example, prompt_for
 from trainer.methods import PREFIX_METHODS, MethodConfig, TaskModel, parameter_counts
+from trainer.seq2seq import Seq2SeqTaskModel, collate_seq2seq, encode_seq2seq, seq2seq_loss
 
 logger = logging.getLogger(__name__)
 
@@ -88,16 +91,45 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=-100)
 
 
+def _causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return lm_loss(logits, labels)  # looked up at call time (a test interrupts training through it)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What differs between decoder-only and encoder-decoder training: task model, batches, loss, exports."""
+
+    task: Callable[[LoadedModel, MethodConfig], nn.Module]
+    encode: Callable[..., list]  # (tokenizer, examples, max_len) -> rows
+    collate: Callable[..., tuple]  # (rows, pad_id, device) -> (*model inputs, labels)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> mean loss
+    scored: Callable[[torch.Tensor], int]  # labels -> number of tokens the loss averages over
+    peft_export: bool  # the prefix is also written as a PEFT adapter
+
+
+RECIPES = {  # keyed by ModelSpec.is_encoder_decoder
+    False: Recipe(TaskModel, encode, collate, _causal_loss, lambda y: int((y[:, 1:] != -100).sum()), True),
+    True: Recipe(Seq2SeqTaskModel, encode_seq2seq, collate_seq2seq, seq2seq_loss, lambda y: int((y != -100).sum()),
+                 False),  # PEFT's seq2seq prefix covers decoder self-attention only
+}
+
+
+def recipe_for(loaded: LoadedModel) -> Recipe:
+    """The recipe for this base model's kind."""
+    return RECIPES[loaded.spec.is_encoder_decoder]
+
+
 @torch.no_grad()
-def validation_loss(task: TaskModel, rows: list, batch_size: int, pad_id: int) -> float:
+def validation_loss(task: nn.Module, rows: list, batch_size: int, pad_id: int) -> float:
     """Token-weighted mean loss on validation rows (eval mode)."""
     was = task.training
     task.eval()
+    recipe = recipe_for(task.loaded)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        ids, mask, labels = collate(rows[i:i + batch_size], pad_id, task.loaded.device)
-        n = int((labels[:, 1:] != -100).sum())
-        total += lm_loss(task(ids, mask), labels).item() * n
+        *inputs, labels = recipe.collate(rows[i:i + batch_size], pad_id, task.loaded.device)
+        n = recipe.scored(labels)
+        total += recipe.loss(task(*inputs), labels).item() * n
         count += n
     task.train(was)
     return total / max(count, 1)
@@ -127,11 +159,12 @@ def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
+    recipe = recipe_for(loaded)
     train_ex = subsample(data.train, cfg.max_train, cfg.seed)
-    rows = encode(loaded.tokenizer, train_ex, cfg.max_len)
-    valid_rows = encode(loaded.tokenizer, subsample(data.valid, cfg.max_valid, cfg.seed), cfg.max_len)
+    rows = recipe.encode(loaded.tokenizer, train_ex, cfg.max_len)
+    valid_rows = recipe.encode(loaded.tokenizer, subsample(data.valid, cfg.max_valid, cfg.seed), cfg.max_len)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
-    task = TaskModel(loaded, cfg.method)
+    task = recipe.task(loaded, cfg.method)
     counts = parameter_counts(task)
     logger.info("trainable parameters: %d (%.4f%% of the base model); stored: %d (%.4f%%)",
                 counts["trained_params"], 100 * counts["trained_share"], counts["stored_params"],
@@ -160,8 +193,8 @@ def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Pa
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         idx = _batches_for_epoch(len(rows), cfg.batch_size, cfg.seed, epoch)[k]
-        ids, mask, labels = collate([rows[i] for i in idx], pad, loaded.device)
-        loss = lm_loss(task(ids, mask), labels)
+        *inputs, labels = recipe.collate([rows[i] for i in idx], pad, loaded.device)
+        loss = recipe.loss(task(*inputs), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -194,28 +227,32 @@ def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Pa
     return summary
 
 
-def save_outputs(task: TaskModel, data: DataSplits, cfg: TrainConfig, out: Path, summary: dict) -> None:
-    """Prefix methods: native artifact in out/prefix and PEFT adapter in out/peft; LoRA: adapter; finetune: model."""
+def save_outputs(task: nn.Module, data: DataSplits, cfg: TrainConfig, out: Path, summary: dict) -> None:
+    """Prefix methods: native artifact in out/prefix (and a PEFT adapter in out/peft for decoder-only models);
+    LoRA: adapter; finetune: model."""
     if cfg.method.method in PREFIX_METHODS:
         art = make_artifact(task, data, summary)
         save_dir(art, out / "prefix")
-        write_dir(export_peft(art, task.loaded.name), out / "peft")
+        if recipe_for(task.loaded).peft_export:
+            write_dir(export_peft(art, task.loaded.name), out / "peft")
     elif cfg.method.method == "lora":
         task.model.save_pretrained(out / "lora")
     else:
         task.model.save_pretrained(out / "model")
 
 
-def make_artifact(task: TaskModel, data: DataSplits, summary: dict) -> PrefixArtifact:
+def make_artifact(task: nn.Module, data: DataSplits, summary: dict) -> PrefixArtifact:
     """The servable artifact for a prefix method, with the training recipe in the manifest."""
-    kv = task.prefix_kv()
+    tensors = task.prefix_tensors()
     c = summary["config"]
     desc = (f"{c['method']['method']} on {data.name} ({summary['train_pairs']} training pairs, {summary['steps']} "
             f"steps, batch {c['batch_size']}, lr {c['lr']}, prefix length {c['method']['prefix_length']}, "
             f"seed {c['seed']}) for {task.loaded.name}")
     extra = {k: summary[k] for k in ("steps", "train_pairs", "train_seconds", "trained_params", "stored_params")}
-    return build_artifact(kv, task.loaded.spec.fingerprint(), description=desc, source=f"trainer:{c['method']['method']}",
-                          input_format=data.input_format, extra={"training": extra, "config": c})
+    return build_artifact(tensors.get("kv"), task.loaded.spec.fingerprint(), encoder_kv=tensors.get("encoder_kv"),
+                          cross_kv=tensors.get("cross_kv"), positions=task.positions, description=desc,
+                          source=f"trainer:{c['method']['method']}", input_format=data.input_format,
+                          extra={"training": extra, "config": c})
 
 
 def plot_losses(metrics_file: Path, png: Path) -> None:
