@@ -9,6 +9,7 @@ row copies (of the positions actually filled) per change, which is small next to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.engine.kv_cache import SlotKVCache
 from server.engine.request import Request, RequestHandle
@@ -26,6 +27,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     first_token_at: float | None = None
+    state: Any = None  # the runner's per-row set-up at admission (seq2seq: cross-attention K/V), until placed
 
     @property
     def request(self) -> Request:
@@ -35,13 +37,13 @@ class Row:
     @property
     def prompt_left(self) -> int:
         """Prompt tokens not yet prefilled."""
-        return len(self.request.prompt_ids) - self.prompt_done
+        return len(self.request.decoder_prompt) - self.prompt_done
 
     @property
     def final_length(self) -> int:
         """Positions the row will need when it has generated max_new_tokens."""
         r = self.request
-        return (r.prefix.length if r.prefix else 0) + len(r.prompt_ids) + r.params.max_new_tokens
+        return (r.prefix.length if r.prefix else 0) + len(r.decoder_prompt) + r.params.max_new_tokens
 
 
 class RunningBatch:
@@ -69,14 +71,13 @@ class RunningBatch:
 
     def add(self, rows: list[Row]) -> None:
         """Place new rows at the end of the prefill block (one cache reservation for all of them) and copy each
-        row's prefix into its cache row (once)."""
+        row's prefix (and the runner's per-row state) into its cache row (once)."""
         longest = max([self.longest()] + [r.final_length for r in rows])
         self.cache.reserve(len(self) + len(rows), longest, self.used_len())
         for row in rows:
             self.prefilling.append(row)
-            prefix = row.request.prefix
-            if prefix is not None:
-                self.cache.write_prefix(len(self) - 1, prefix.kv)
+            self.cache.admit_row(len(self) - 1, row.request.prefix, row.state)
+            row.state = None
 
     def promote(self, row: Row) -> None:
         """Move a fully prefilled row to the end of the decode block."""

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.batch import Row, RunningBatch
-from server.engine.kv_cache import SlotKVCache
 from server.engine.model import LoadedModel
 from server.engine.prefix_cache import DevicePrefix
+from server.engine.runner import check_decoder_lengths, make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
                                    RequestHandle, TokenEvent)
 from server.engine.sampling import RowSampler, SamplingParams, choose_tokens
@@ -68,11 +68,8 @@ class Engine:
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_token_ids = frozenset(eos)
-        self.cache = SlotKVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
-                                 self.device, loaded.dtype, max_rows=self.config.max_batch_size,
-                                 max_len=self.max_seq_len + 1)
-        self._mask_min = torch.finfo(loaded.dtype).min
-        self._body, self._head = self._split_head()
+        self.runner = make_runner(loaded, self.config, self.max_seq_len)  # what differs per model kind
+        self.cache = self.runner.cache
         self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
         self._outbox = Outbox()  # this step's events, delivered once per step
@@ -127,18 +124,9 @@ class Engine:
         return self.batch.decoding
 
     def check_lengths(self, prompt_len: int, prefix_len: int, max_new_tokens: int) -> None:
-        """Raise ValueError when a request cannot fit the context."""
-        if prompt_len < 1:
-            raise ValueError("inputs must contain at least one token")
-        total = prompt_len + prefix_len + max_new_tokens
-        if total > self.max_seq_len:
-            raise ValueError(f"inputs ({prompt_len} tokens) + prefix ({prefix_len}) + max_new_tokens "
-                             f"({max_new_tokens}) = {total} exceeds the maximum sequence length {self.max_seq_len}")
-        alone = (total + 1) * self.cache.bytes_per_position
-        if alone > self.config.kv_cache_bytes:
-            raise ValueError(f"inputs ({prompt_len} tokens) + prefix ({prefix_len}) + max_new_tokens "
-                             f"({max_new_tokens}) need {alone} bytes of KV cache, more than the "
-                             f"{self.config.kv_cache_bytes} configured")
+        """Raise ValueError when a decoder-only request cannot fit the context (submit asks the runner)."""
+        check_decoder_lengths(prompt_len, prefix_len, max_new_tokens, self.max_seq_len,
+                              self.cache.bytes_per_position, self.config.kv_cache_bytes)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: DevicePrefix | None = None,
                tag: str = "", loop: asyncio.AbstractEventLoop | None = None, tenant: str = "",
@@ -153,7 +141,7 @@ class Engine:
         params.validate()
         if not weight > 0:
             raise ValueError(f"weight must be > 0, got {weight}")
-        self.check_lengths(len(prompt_ids), prefix.length if prefix else 0, params.max_new_tokens)
+        self.runner.check(prompt_ids, prefix, params.max_new_tokens)
         if any(not 0 <= t < self.spec.vocab_size for t in prompt_ids):
             raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
         if loop is None:
@@ -162,7 +150,9 @@ class Engine:
             except RuntimeError:
                 loop = None
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
-        handle = RequestHandle(Request(list(prompt_ids), params, prefix, tag, tenant, weight, timeout_s), loop)
+        request = Request(list(prompt_ids), params, prefix, tag, tenant, weight, timeout_s,
+                          decoder_ids=self.runner.decoder_prompt(prompt_ids))
+        handle = RequestHandle(request, loop)
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -213,9 +203,10 @@ class Engine:
         self._sweep_queue(now)
         self._admitting = self._admit()
         if self._admitting:
-            self.batch.add([Row(h, RowSampler.create(h.request.params, h.request.prompt_ids, self.device),
-                                length=h.request.prefix.length if h.request.prefix else 0)
-                            for h in self._admitting])
+            rows = [Row(h, RowSampler.create(h.request.params, h.request.decoder_prompt, self.device),
+                        length=h.request.prefix.length if h.request.prefix else 0) for h in self._admitting]
+            self.runner.admit(rows)  # per-row set-up (seq2seq: the encoder, once per request)
+            self.batch.add(rows)
         self._admitting = []
         if self.batch.prefilling:
             self._prefill_chunk()
@@ -230,7 +221,7 @@ class Engine:
     @staticmethod
     def _final_length(h: RequestHandle) -> int:
         r = h.request
-        return (r.prefix.length if r.prefix else 0) + len(r.prompt_ids) + r.params.max_new_tokens
+        return (r.prefix.length if r.prefix else 0) + len(r.decoder_prompt) + r.params.max_new_tokens
 
     def _sweep_queue(self, now: float) -> None:
         """A few times a second, end waiting requests that were cancelled or ran out of time (they hold no row)."""
@@ -273,44 +264,11 @@ class Engine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     # ------------------------------------------------------------------ execute
-    def _split_head(self) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
-        """(body, head) when logits are just the output embedding of the body's last hidden state, else (None, None).
-
-        Running the body and applying the head to each row's last hidden state (made contiguous) avoids the slow
-        batched-matmul path that HF's `logits_to_keep` slice takes for prefill chunks. Whether a model's logits are
-        that simple (no soft-capping or scaling) is checked once here on a short input, not assumed per family.
-        """
-        body, head = getattr(self.model, "base_model", None), self.model.get_output_embeddings()
-        if body is None or body is self.model or head is None:
-            return None, None
-        ids = torch.arange(1, 5, device=self.device)[None] % self.spec.vocab_size
-        with torch.inference_mode():
-            full = self.model(input_ids=ids).logits[:, -1].float()
-            split = head(body(input_ids=ids).last_hidden_state[:, -1]).float()
-        if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-3, atol=1e-3 * full.abs().max()):
-            logger.info("%s post-processes its logits: using the full forward", self.spec.model_type)
-            return None, None
-        return body, head
-
     def _forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int,
                  ) -> tuple[torch.Tensor, float]:
         """Run the model on rows [row_start, row_start+n); return the last column's logits [n, V] and seconds."""
-        real = write_pos < self.cache.trash_pos
-        positions = torch.where(real, write_pos, 0)
-        j = torch.arange(kv_len, device=self.device)
-        # [n, 1, q, kv_len]: a query at position s sees keys at positions <= s (its prefix, prompt and past)
-        mask = torch.where(j[None, None, None, :] <= write_pos[:, None, :, None], 0.0, self._mask_min)
-        mask = mask.to(self.loaded.dtype)
-        self.cache.prepare(row_start, write_pos, kv_len)
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                      use_cache=True)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            if self._head is not None:
-                hidden = self._body(**kwargs).last_hidden_state[:, -1, :].contiguous()  # [n, hidden]
-                logits = self._head(hidden)
-            else:
-                logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+        logits = self.runner.forward(ids, write_pos, row_start, kv_len)
         return logits, time.perf_counter() - t0
 
     def _prefill_chunk(self) -> None:
@@ -331,7 +289,7 @@ class Engine:
         wpos = torch.full((len(rows), width), self.cache.trash_pos, dtype=torch.long)
         for i, (r, c) in enumerate(zip(rows, chunks)):
             # left padding: every row's last token of this chunk sits in the last column
-            ids[i, width - c:] = torch.tensor(r.request.prompt_ids[r.prompt_done:r.prompt_done + c])
+            ids[i, width - c:] = torch.tensor(r.request.decoder_prompt[r.prompt_done:r.prompt_done + c])
             wpos[i, width - c:] = torch.arange(r.length, r.length + c)
         logits, seconds = self._forward(ids.to(self.device), wpos.to(self.device), len(self.batch.decoding),
                                         max(r.length + c for r, c in zip(rows, chunks)))
@@ -345,7 +303,7 @@ class Engine:
         for i in done:
             self.batch.promote(rows[i])
         if done:
-            self._update([rows[i] for i in done], logits[done])
+            self._update([rows[i] for i in done], self.runner.first_token_logits(logits[done]))
 
     def _decode(self) -> None:
         rows = list(self.batch.decoding)

@@ -11,8 +11,13 @@ keys of left-padding tokens during prefill and is never attended to.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+if TYPE_CHECKING:
+    from server.engine.prefix_cache import DevicePrefix
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -134,6 +139,12 @@ class SlotKVCache(Cache):
         p = kv.shape[3]
         self.k[:, row, :, :p] = kv[:, 0]
         self.v[:, row, :, :p] = kv[:, 1]
+
+    def admit_row(self, row: int, prefix: DevicePrefix | None, state: Any = None) -> None:
+        """Set up a newly placed row: its decoder self-attention prefix (if any). `state` is the runner's per-row
+        set-up (none for decoder-only models; see Seq2SeqSlotCache)."""
+        if prefix is not None and prefix.kv is not None:
+            self.write_prefix(row, prefix.kv)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy row src's first `length` positions into row dst (used to keep running rows contiguous)."""

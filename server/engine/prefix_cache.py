@@ -21,22 +21,43 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class DevicePrefix:
-    """A prefix resident on the model's device: kv [layers, 2, kv_heads, P, head_dim]."""
+    """A prefix resident on the model's device (tensors as in the artifact, each [layers, 2, kv_heads, P, head_dim]).
+
+    kv: decoder self-attention (None in an encoder-decoder artifact without one); encoder_kv, cross_kv: the encoder's
+    self-attention and the decoder's cross-attention prefixes of encoder-decoder models; positions: where decoder
+    position ids start ("after_prefix": at P, "from_zero": at 0).
+    """
 
     version: str
-    kv: torch.Tensor
+    kv: torch.Tensor | None
     cache: PrefixCache | None = field(default=None, repr=False)
     pins: int = 0
+    encoder_kv: torch.Tensor | None = None
+    cross_kv: torch.Tensor | None = None
+    positions: str = "after_prefix"
+
+    @classmethod
+    def from_artifact(cls, version: str, art: PrefixArtifact, device: torch.device, dtype: torch.dtype,
+                      cache: PrefixCache | None = None) -> DevicePrefix:
+        """Copy an artifact's tensors to the device in the model's dtype."""
+        on = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in art.tensors.items()}
+        return cls(version, on.get("kv"), cache=cache, encoder_kv=on.get("encoder_kv"), cross_kv=on.get("cross_kv"),
+                   positions=art.manifest.positions)
 
     @property
     def length(self) -> int:
-        """Prefix length P."""
-        return int(self.kv.shape[3])
+        """Prefix length P of the decoder self-attention prefix (0 without one)."""
+        return int(self.kv.shape[3]) if self.kv is not None else 0
+
+    @property
+    def cross_length(self) -> int:
+        """Length of the cross-attention prefix (0 without one)."""
+        return int(self.cross_kv.shape[3]) if self.cross_kv is not None else 0
 
     @property
     def nbytes(self) -> int:
         """Device bytes held."""
-        return self.kv.numel() * self.kv.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.kv, self.encoder_kv, self.cross_kv) if t is not None)
 
     def release(self) -> None:
         """Unpin (called by the engine when the row using it retires)."""
@@ -84,11 +105,11 @@ class PrefixCache:
                 self.stats.hits += 1
                 return entry
             self.stats.misses += 1
-        kv = load().kv.to(device=self.device, dtype=self.dtype).contiguous()
+        loaded = DevicePrefix.from_artifact(version, load(), self.device, self.dtype, cache=self)
         with self._lock:
             entry = self._entries.get(version)  # another caller may have loaded it meanwhile
             if entry is None:
-                entry = DevicePrefix(version, kv, cache=self)
+                entry = loaded
                 self._entries[version] = entry
             entry.pins += 1
             self._entries.move_to_end(version)

@@ -67,6 +67,12 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    decoder_ids: list[int] | None = None  # encoder-decoder models: what the decoder is fed first (prompt_ids: encoder)
+
+    @property
+    def decoder_prompt(self) -> list[int]:
+        """The ids fed to the decoder (or the only stack) before generating: decoder_ids, else prompt_ids."""
+        return self.prompt_ids if self.decoder_ids is None else self.decoder_ids
 
     def expired(self, now: float) -> bool:
         """True once the request's deadline has passed."""

@@ -39,7 +39,7 @@ def test_gemma2_softcapped_logits_use_the_full_forward():
                                            final_logit_softcapping=5.0, sliding_window=128))
     loaded = _loaded(model)
     engine, got = _engine_tokens(loaded, [5, 6, 7, 8, 9], 8)
-    assert engine._head is None  # soft-capping is detected: logits come from the model's own forward
+    assert engine.runner.head is None  # soft-capping is detected: logits come from the model's own forward
     assert got == _hf_tokens(model, [5, 6, 7, 8, 9], 8)
 
 
@@ -59,7 +59,7 @@ def test_qwen2_with_a_prefix_uses_the_split_head_and_matches_peft():
     from prefix_store.peft_io import PeftAdapter, prefix_tuning_to_kv
     kv = prefix_tuning_to_kv(PeftAdapter("PREFIX_TUNING", {}, emb), loaded.spec.fingerprint())
     engine, got = _engine_tokens(loaded, [11, 12, 13], 8, DevicePrefix("v", kv))
-    assert engine._head is not None  # plain output embedding: the faster split path
+    assert engine.runner.head is not None  # plain output embedding: the faster split path
     ref = pm.generate(input_ids=torch.tensor([[11, 12, 13]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
                       max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0, 3:].tolist()
     assert got == ref
