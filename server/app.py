@@ -16,6 +16,7 @@ from server.api import admin, generate, health, openai, prefixes
 from server.api.auth import authenticate
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
+from server.api.limits import LimitSettings, RequestLimits
 from server.api.metrics import Metrics
 from server.engine.engine import Engine, EngineConfig
 from server.engine.model import load_model
@@ -41,7 +42,10 @@ def build_state(settings: Settings) -> AppState:
     engine = Engine(loaded, EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                          max_seq_len=settings.max_seq_len,
                                          max_prefill_tokens=settings.max_prefill_tokens,
-                                         kv_cache_bytes=settings.kv_cache_bytes, eos_token_ids=eos))
+                                         kv_cache_bytes=settings.kv_cache_bytes, eos_token_ids=eos,
+                                         request_timeout_s=settings.request_timeout_s,
+                                         prompt_token_weight=settings.scheduler_prompt_weight,
+                                         output_token_weight=settings.scheduler_output_weight))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
     metrics = Metrics(engine, cache)
     tasks = TaskRegistry(store, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),
@@ -104,6 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.prefixserve = None
     install_error_handlers(app)
+    app.add_middleware(RequestLimits, limits=LimitSettings(  # body size/time, JSON depth, slow clients
+        settings.max_body_bytes, settings.max_upload_bytes, settings.max_json_depth, settings.client_timeout_s,
+        settings.request_timeout_s))
     app.include_router(health.router)  # open: /health, /ready, /metrics (and FastAPI's /docs, /openapi.json)
     for module in (generate, openai, prefixes, admin):  # every other route needs a key once auth is on
         app.include_router(module.router, dependencies=[Depends(authenticate)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import types
 import typing
 from typing import Any
@@ -42,8 +43,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(s.log_level.upper())
     config = uvicorn.Config(create_app(s), host=s.host, port=s.port, log_level=s.log_level.lower(),
                             timeout_graceful_shutdown=int(s.shutdown_timeout) or None, access_log=False)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listening_socket(s)] if s.send_buffer_bytes else None)
     return 0
+
+
+def listening_socket(s: Settings) -> socket.socket:
+    """A socket bound to host:port whose accepted connections inherit SO_SNDBUF = send_buffer_bytes."""
+    family, kind, proto, _, address = socket.getaddrinfo(s.host, s.port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.send_buffer_bytes)
+    sock.bind(address)
+    return sock
 
 
 def register(sub: Any) -> None:

@@ -45,6 +45,24 @@ class Settings(BaseSettings):
                                                                         "between the device cache and the store")
     preload: str = Field("", description="Tasks loaded into the caches at start: 'e2e,webnlg', or '*' for all")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted prefix upload")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body other than uploads (413 "
+                                                               "past it, before it is read)")
+    max_json_depth: int = Field(32, ge=2, description="Deepest nesting of arrays/objects in a JSON body (422)")
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline of each generation from its submission "
+                                                              "(queued + running): past it the row is cancelled and "
+                                                              "the client gets 504 (or a timeout error event); any "
+                                                              "response not started by then is answered 504")
+    client_timeout_s: float = Field(30.0, gt=0, description="How long the server waits on a client: for its whole "
+                                                            "request body (408), and for each response write to a "
+                                                            "client that stops reading (the response ends, its "
+                                                            "generation is cancelled)")
+    send_buffer_bytes: int = Field(0, ge=0, description="SO_SNDBUF of client connections; 0 = the OS's autotuning "
+                                                        "(up to net.ipv4.tcp_wmem's maximum, often 4 MiB). Smaller "
+                                                        "bounds the kernel memory a client that stops reading pins, "
+                                                        "and notices it sooner")
+    scheduler_prompt_weight: float = Field(1.0, ge=0, description="Fair scheduling between tenants: cost of a "
+                                                                  "prompt token in a tenant's virtual token counter")
+    scheduler_output_weight: float = Field(2.0, ge=0, description="... and of a generated token")
     auth: Literal["auto", "required"] = Field("auto", description="API keys: 'auto' = required as soon as the "
                                                                    "store holds a tenant (none: auth off, logged "
                                                                    "loudly), 'required' = always (docs/tenants.md)")

@@ -14,6 +14,7 @@ from pydantic import Field
 from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, to_api_error, validation
 from server.api.generate import stream_response
+from server.api.limits import check_text
 from server.api.schemas import Lenient, check_stops, sampling_params
 from server.api.service import Generation, TokenOut, encode, run_or_cancel, start_many
 from server.engine.sampling import SamplingParams
@@ -220,7 +221,7 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
         text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # a template may reject roles or orders (jinja raises its own errors)
         raise validation(f"messages: the chat template refused them ({e})") from None
-    ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes any BOS itself
+    ids = tok(check_text(text, "messages"), add_special_tokens=False)["input_ids"]  # the template writes any BOS
     if not ids:
         raise validation("messages: the chat template produced no tokens")
     return ids

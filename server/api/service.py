@@ -11,6 +11,7 @@ from fastapi import Request
 
 from server.api.deps import AppState
 from server.api.errors import APIError, validation
+from server.api.limits import check_text
 from server.api.text import IncrementalDecoder, StopMatcher
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.request import GenerationResult, RequestHandle
@@ -30,7 +31,7 @@ def encode(state: AppState, text: str, *, field: str = "inputs", truncate: int |
     """Tokenise a prompt (with the tokenizer's default special tokens); keep the last `truncate` tokens."""
     if not isinstance(text, str) or not text:
         raise validation(f"{field}: must be a non-empty string")
-    ids = state.tokenizer(text)["input_ids"]
+    ids = state.tokenizer(check_text(text, field))["input_ids"]
     if truncate is not None:
         ids = ids[-truncate:]
     if not ids:
@@ -116,6 +117,10 @@ class Generation:
             if r.finish_reason == "cancelled":
                 raise APIError(503, "the request was cancelled (the server is shutting down)", "unavailable",
                                {"Retry-After": "1"})
+            if r.finish_reason == "timeout":
+                raise APIError(504, f"generation did not finish within the request timeout "
+                                    f"({self.handle.request.timeout_s:g} s; {len(self.emitted)} tokens generated)",
+                               "timeout")
 
     def _settle(self, reason: str) -> None:
         """Fix the finish reason and flush the text still held back into the last token's `visible`."""
