@@ -101,7 +101,9 @@ def install_error_handlers(app: FastAPI) -> None:
         state = getattr(request.app.state, "prefixserve", None)
         if state is not None:
             route = request.scope.get("route")
-            state.metrics.error(getattr(route, "path", "unmatched"), response.status_code)
+            caller = getattr(request.state, "caller", None)
+            state.metrics.error(getattr(route, "path", "unmatched"), response.status_code,
+                                caller.label if caller else "")
         return response
 
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -1,4 +1,7 @@
-"""Prometheus metrics of one app (its own registry: no global state), labelled by task."""
+"""Prometheus metrics of one app (its own registry: no global state), labelled by task and tenant.
+
+Tenant labels are bounded: the first `max_tenants` tenants seen are named, later ones are counted as ':other'
+(tenants exist only when an admin creates them, so this bounds a deployment that has very many)."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -13,6 +16,7 @@ if TYPE_CHECKING:
     from server.tiers.registry import TaskRegistry
 
 BASE_LABEL = ":base"  # the task label of requests without a task (':' cannot appear in a task name)
+OTHER_TENANTS = ":other"  # the tenant label past max_tenants
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -75,16 +79,19 @@ class _TierCollector:
 class Metrics:
     """Request, token and latency metrics; `render()` gives the Prometheus text format."""
 
-    def __init__(self, engine: Engine, cache: PrefixCache):
+    def __init__(self, engine: Engine, cache: PrefixCache, max_tenants: int = 100):
+        self.max_tenants = max_tenants
+        self._tenants: set[str] = set()
         disable_created_metrics()  # no *_created series: they double the exposition for no use here
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("prefixserve_requests", "Finished generation requests",
-                                ["task", "route", "finish_reason"], registry=r)
-        self.errors = Counter("prefixserve_request_errors", "Requests refused or failed", ["route", "status"],
-                              registry=r)
-        self.prompt_tokens = Counter("prefixserve_prompt_tokens", "Prompt tokens", ["task"], registry=r)
-        self.generated_tokens = Counter("prefixserve_generated_tokens", "Generated tokens", ["task"], registry=r)
+                                ["task", "tenant", "route", "finish_reason"], registry=r)
+        self.errors = Counter("prefixserve_request_errors", "Requests refused or failed (tenant: '' before "
+                              "authentication)", ["route", "status", "tenant"], registry=r)
+        self.prompt_tokens = Counter("prefixserve_prompt_tokens", "Prompt tokens", ["task", "tenant"], registry=r)
+        self.generated_tokens = Counter("prefixserve_generated_tokens", "Generated tokens", ["task", "tenant"],
+                                        registry=r)
         self.ttft = Histogram("prefixserve_time_to_first_token_seconds", "Submit to first token", ["task"],
                               buckets=_TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("prefixserve_time_per_output_token_seconds", "Mean time between tokens after the "
@@ -103,22 +110,31 @@ class Metrics:
         """Record one prefix load onto the device from `tier` (host or store)."""
         self.prefix_load.labels(tier).observe(seconds)
 
-    def observe(self, task: str | None, route: str, finish_reason: str, prompt_tokens: int, generated: int,
-                submitted_at: float, first_token_at: float | None, finished_at: float) -> None:
+    def tenant(self, label: str) -> str:
+        """The metric label of a tenant: its own for the first `max_tenants` seen, OTHER_TENANTS after."""
+        if label in self._tenants or not label:
+            return label
+        if len(self._tenants) >= self.max_tenants:
+            return OTHER_TENANTS
+        self._tenants.add(label)
+        return label
+
+    def observe(self, task: str | None, tenant: str, route: str, finish_reason: str, prompt_tokens: int,
+                generated: int, submitted_at: float, first_token_at: float | None, finished_at: float) -> None:
         """Record one finished request."""
-        label = task or BASE_LABEL
-        self.requests.labels(label, route, finish_reason).inc()
-        self.prompt_tokens.labels(label).inc(prompt_tokens)
-        self.generated_tokens.labels(label).inc(generated)
+        label, who = task or BASE_LABEL, self.tenant(tenant)
+        self.requests.labels(label, who, route, finish_reason).inc()
+        self.prompt_tokens.labels(label, who).inc(prompt_tokens)
+        self.generated_tokens.labels(label, who).inc(generated)
         self.latency.labels(label).observe(finished_at - submitted_at)
         if first_token_at is not None:
             self.ttft.labels(label).observe(first_token_at - submitted_at)
             if generated > 1:
                 self.tpot.labels(label).observe((finished_at - first_token_at) / (generated - 1))
 
-    def error(self, route: str, status: int) -> None:
+    def error(self, route: str, status: int, tenant: str = "") -> None:
         """Count a refused or failed request."""
-        self.errors.labels(route, str(status)).inc()
+        self.errors.labels(route, str(status), self.tenant(tenant)).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

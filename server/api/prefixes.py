@@ -7,6 +7,10 @@ answers 412 with its current version as the ETag. GET and PUT answer with `ETag:
 Uploads are multipart parts named `files` (a PEFT adapter or the native format). The body is counted while it
 streams in and refused with 413 as soon as it passes --max-upload-bytes (at once when Content-Length says so).
 Nothing is unpickled: only JSON and safetensors are read.
+
+Names are the caller's (server/tenants/namespaces.py): reads find the caller's own task, else the shared one;
+writes go to the caller's own namespace; another tenant's private task is 404 on every route and never changed.
+Uploads, deletes and rollbacks are written to the audit log.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import json
 import logging
 import zipfile
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -25,15 +29,21 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE, Manifest
-from prefix_store.base import (ANY_VERSION, InvalidTaskName, PrefixNotFound, split_task_ref, validate_task_name,
+from prefix_store.base import (ANY_VERSION, NAMESPACE_SEP, InvalidTaskName, PrefixNotFound, VersionNotFound,
                                validate_version)
+from server.api.admin import client_address
+from server.api.auth import CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import APIError
 from server.api.generate import version_headers
+from server.api.service import visible_tasks
 from server.engine.convert import artifact_from_files
+from server.tenants.audit import audit
+from server.tenants.namespaces import Caller, candidates, split_ref, split_stored
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/prefixes", tags=["prefixes"])
+T = TypeVar("T")
 
 MULTIPART_SLACK = 64 * 1024  # room for part headers and boundaries on top of the file bytes
 MAX_PARTS = 8
@@ -127,69 +137,107 @@ async def read_upload(request: Request, limit: int) -> tuple[dict[str, bytes], s
     return files, description
 
 
+async def _find(caller: Caller, name: str, version: str | None,
+                read: Callable[[str, str | None], Awaitable[T]]) -> tuple[str, T]:
+    """`read(stored name, version)` on the first of the caller's candidates for `name` that exists (else 404)."""
+    for stored in candidates(caller, name):
+        try:
+            return stored, await read(stored, version)
+        except PrefixNotFound:
+            continue
+    raise VersionNotFound(name, version) if version else PrefixNotFound(name)  # named as the caller named it
+
+
+def _own(caller: Caller, name: str) -> str:
+    """The stored name a write of `name` goes to."""
+    return candidates(caller, name, write=True)[0]
+
+
+async def _check_storage(state: AppState, caller: Caller, stored: str, new: Manifest) -> None:
+    """The caller's prefixes and prefix_bytes quotas, counting this upload (its own namespace only)."""
+    ns = split_stored(stored)[0]
+    if ns != caller.namespace or not (caller.limits.prefixes or caller.limits.prefix_bytes):
+        return
+    mine = {n: m for n, m in (await state.store.list()).items() if split_stored(n)[0] == ns and n != stored}
+    state.quotas.check_storage(caller, len(mine) + 1, sum(m.nbytes for m in mine.values()) + new.nbytes)
+
+
 @router.put("/{name}")
-async def put_prefix(name: NameParam, request: Request, state: StateDep, if_match: IfMatch = None,
+async def put_prefix(name: NameParam, request: Request, state: StateDep, caller: CallerDep, if_match: IfMatch = None,
                      description: Annotated[str | None, Query(description="Replaces the description")] = None,
                      version: Annotated[str | None, Query(description="Move the task to this kept version "
                                                                       "instead of uploading (a rollback)")] = None
                      ) -> JSONResponse:
     """Upload (or atomically replace) a prefix: a PEFT prefix/prompt-tuning adapter or the native format."""
-    validate_task_name(name)
+    stored = _own(caller, name)
     expected = expected_version(if_match)
     if version is not None:
-        return await _set_version(state, name, version, expected)
+        return await _set_version(state, caller, request, name, stored, version, expected)
     limit = state.settings.max_upload_bytes
     files, form_description = await read_upload(request, limit)
     art = await asyncio.to_thread(artifact_from_files, files, state.loaded, max_bytes=limit,
                                   description=description or form_description)
     _, tensors = await asyncio.to_thread(art.to_bytes)
+    async with state.quotas.storage_lock(caller):
+        try:
+            old: Manifest | None = await state.store.get_manifest(stored)
+        except PrefixNotFound:
+            old = None
+        await _check_storage(state, caller, stored, art.manifest)
+        m = await state.store.put(stored, art.manifest, tensors, expected_version=expected)
+    state.tasks.remember(stored, m, previous=old)  # the old version leaves the device cache
+    audit("prefix.put", tenant=caller.label, client=client_address(request), task=name, stored=stored,
+          version=m.sha256, previous=old.sha256 if old else None, bytes=m.nbytes)
+    logger.info("stored prefix %s version %s (%s, P=%d)", stored, m.sha256[:12], m.source, m.prefix_length)
+    return JSONResponse(manifest_body(name, m), status_code=201 if old is None else 200, headers=etag_headers(m.sha256))
+
+
+async def _set_version(state: AppState, caller: Caller, request: Request, name: str, stored: str, version: str,
+                       expected: str | None) -> JSONResponse:
+    """Move the caller's `name` to one of its kept versions and answer its manifest."""
     try:
-        old: Manifest | None = await state.store.get_manifest(name)
+        m = await state.store.set_version(stored, validate_version(version), expected_version=expected)
+    except VersionNotFound:
+        raise VersionNotFound(name, version) from None
     except PrefixNotFound:
-        old = None
-    stored = await state.store.put(name, art.manifest, tensors, expected_version=expected)
-    state.tasks.remember(name, stored, previous=old)  # the old version leaves the device cache
-    logger.info("stored prefix %s version %s (%s, P=%d)", name, stored.sha256[:12], stored.source,
-                stored.prefix_length)
-    return JSONResponse(manifest_body(name, stored), status_code=201 if old is None else 200,
-                        headers=etag_headers(stored.sha256))
-
-
-async def _set_version(state: AppState, name: str, version: str, expected: str | None) -> JSONResponse:
-    """Move `name` to one of its kept versions and answer its manifest."""
-    m = await state.store.set_version(name, validate_version(version), expected_version=expected)
-    state.tasks.remember(name, m)
-    logger.info("prefix %s rolled to version %s", name, m.sha256[:12])
+        raise PrefixNotFound(name) from None
+    state.tasks.remember(stored, m)
+    audit("prefix.rollback", tenant=caller.label, client=client_address(request), task=name, stored=stored,
+          version=m.sha256)
+    logger.info("prefix %s rolled to version %s", stored, m.sha256[:12])
     return JSONResponse(manifest_body(name, m), headers=etag_headers(m.sha256))
 
 
 @router.post("/{name}/rollback")
-async def rollback_prefix(name: NameParam, body: RollbackBody, state: StateDep,
+async def rollback_prefix(name: NameParam, body: RollbackBody, request: Request, state: StateDep, caller: CallerDep,
                           if_match: IfMatch = None) -> JSONResponse:
     """Point the task back at one of its kept versions (see GET /prefixes/NAME/versions)."""
-    return await _set_version(state, validate_task_name(name), body.version, expected_version(if_match))
+    stored = _own(caller, name)
+    return await _set_version(state, caller, request, name, stored, body.version, expected_version(if_match))
 
 
 @router.get("/{name}/versions")
-async def list_versions(name: NameParam, state: StateDep) -> dict[str, Any]:
+async def list_versions(name: NameParam, state: StateDep, caller: CallerDep) -> dict[str, Any]:
     """The task's kept versions, newest first; `current` marks the one requests use."""
-    infos = await state.store.list_versions(validate_task_name(name))
-    current = (await state.store.get_manifest(name)).sha256
+    async def read(stored: str, _: str | None) -> tuple[list, str]:
+        return await state.store.list_versions(stored), (await state.store.get_manifest(stored)).sha256
+
+    _, (infos, current) = await _find(caller, name, None, read)
     return {"task": name, "versions": [{"version": v.version, "created": v.created, "current": v.version == current,
                                         "manifest": json.loads(v.manifest.to_json())} for v in infos]}
 
 
 @router.get("")
-async def list_prefixes(state: StateDep) -> dict[str, list[dict[str, Any]]]:
-    """Every stored prefix with its manifest."""
-    return {"prefixes": [manifest_body(n, m) for n, m in (await state.store.list()).items()]}
+async def list_prefixes(state: StateDep, caller: CallerDep) -> dict[str, list[dict[str, Any]]]:
+    """Every prefix the caller can use, by the name they use, with its manifest."""
+    return {"prefixes": [manifest_body(n, m) for n, (_, m) in (await visible_tasks(state, caller)).items()]}
 
 
 @router.get("/{name}")
-async def get_prefix(ref: RefParam, state: StateDep) -> JSONResponse:
+async def get_prefix(ref: RefParam, state: StateDep, caller: CallerDep) -> JSONResponse:
     """One prefix's manifest (its current version, or NAME@VERSION)."""
-    name, version = split_task_ref(ref)
-    m = await state.store.get_manifest(name, version)
+    name, version = split_ref(ref)
+    _, m = await _find(caller, name, version, state.store.get_manifest)
     return JSONResponse(manifest_body(name, m), headers=etag_headers(m.sha256))
 
 
@@ -202,30 +250,37 @@ def _zip(files: dict[str, bytes]) -> bytes:
 
 
 @router.get("/{name}/download", response_class=Response)
-async def download_prefix(ref: RefParam, state: StateDep,
+async def download_prefix(ref: RefParam, state: StateDep, caller: CallerDep,
                           file: Annotated[str | None, Query(description=f"{MANIFEST_FILE} or {TENSORS_FILE}; "
                                                             "default: a zip of both")] = None) -> Response:
     """The native artifact (manifest.json + prefix.safetensors), re-uploadable with PUT."""
-    name, version = split_task_ref(ref)
-    m, tensors = await state.store.get(name, version)
+    if file is not None and file not in (MANIFEST_FILE, TENSORS_FILE):
+        raise APIError(422, f"file: must be {MANIFEST_FILE} or {TENSORS_FILE}", "validation")
+    name, version = split_ref(ref)
+    _, (m, tensors) = await _find(caller, name, version, state.store.get)
     files = {MANIFEST_FILE: m.to_json(), TENSORS_FILE: tensors}
     headers = etag_headers(m.sha256)
     if file is None:
-        headers["Content-Disposition"] = f'attachment; filename="{name}.zip"'
+        headers["Content-Disposition"] = f'attachment; filename="{name.replace(NAMESPACE_SEP, "-")}.zip"'
         return Response(await asyncio.to_thread(_zip, files), media_type="application/zip", headers=headers)
-    if file not in files:
-        raise APIError(422, f"file: must be {MANIFEST_FILE} or {TENSORS_FILE}", "validation")
     headers["Content-Disposition"] = f'attachment; filename="{file}"'
     kind = "application/json" if file == MANIFEST_FILE else "application/octet-stream"
     return Response(files[file], media_type=kind, headers=headers)
 
 
 @router.delete("/{name}")
-async def delete_prefix(name: NameParam, state: StateDep, if_match: IfMatch = None) -> dict[str, str]:
+async def delete_prefix(name: NameParam, request: Request, state: StateDep, caller: CallerDep,
+                        if_match: IfMatch = None) -> dict[str, str]:
     """Remove a prefix and its versions; requests already running on it finish, new ones get 404."""
+    stored = _own(caller, name)
     expected = expected_version(if_match)
-    m = await state.store.get_manifest(validate_task_name(name))
-    await state.store.delete(name, expected_version=expected)
-    state.tasks.forget(name)
+    try:
+        m = await state.store.get_manifest(stored)
+        await state.store.delete(stored, expected_version=expected)
+    except PrefixNotFound:
+        raise PrefixNotFound(name) from None
+    state.tasks.forget(stored)
     state.cache.drop(m.sha256)
+    audit("prefix.delete", tenant=caller.label, client=client_address(request), task=name, stored=stored,
+          version=m.sha256)
     return {"task": name, "deleted": m.sha256}

@@ -5,14 +5,17 @@ the limit). Bucket keys use the tenant label, so the anonymous caller has its ow
 """
 from __future__ import annotations
 
+import logging
 import math
 import secrets
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import AsyncIterator
 
+from prefix_store.base import StoreError
 from prefix_store.counters import Counters
 from server.tenants.namespaces import Caller
 
+logger = logging.getLogger(__name__)
 SLOT_TTL_S = 3600.0  # a concurrency slot whose replica died without freeing it expires after this
 
 
@@ -60,7 +63,10 @@ class Quotas:
         try:
             yield
         finally:
-            await self.counters.leave(key, member)
+            try:
+                await self.counters.leave(key, member)
+            except StoreError as e:  # the slot expires after SLOT_TTL_S
+                logger.warning("could not free a concurrency slot of %s: %s", caller.label, e)
 
     def check_lengths(self, caller: Caller, prompt_tokens: int, max_new_tokens: int) -> None:
         """max_prompt_tokens and max_new_tokens (422 naming the limit)."""
@@ -88,11 +94,17 @@ class Quotas:
     async def refund_tokens(self, caller: Caller, tokens: int) -> None:
         """Give back reserved tokens a request did not use."""
         if tokens > 0 and caller.limits.tokens_per_minute > 0:
-            await self.counters.take(f"tpm:{caller.label}", caller.limits.tokens_per_minute / 60.0,
-                                     caller.limits.tokens_per_minute, -tokens)
+            try:
+                await self.counters.take(f"tpm:{caller.label}", caller.limits.tokens_per_minute / 60.0,
+                                         caller.limits.tokens_per_minute, -tokens)
+            except StoreError as e:  # the request is done; the tenant only waits a little longer
+                logger.warning("could not refund %d tokens to %s: %s", tokens, caller.label, e)
 
-    def storage_lock(self, caller: Caller):
-        """Held around the storage check and the write of an upload, so concurrent uploads cannot overshoot."""
+    def storage_lock(self, caller: Caller) -> AbstractAsyncContextManager:
+        """Held around the storage check and the write of an upload, so concurrent uploads cannot overshoot
+        (only for a tenant with a storage quota: other uploads do not wait for each other)."""
+        if not (caller.limits.prefixes or caller.limits.prefix_bytes):
+            return nullcontext()
         return self.counters.lock(f"upload:{caller.label}")
 
     def check_storage(self, caller: Caller, count: int, nbytes: int) -> None:

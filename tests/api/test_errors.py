@@ -176,7 +176,7 @@ def test_overload_503_with_retry_after(model_dir, tmp_path):
         over = next(r for r in rs if r.status_code == 503)
         assert over.headers["Retry-After"] == "1" and over.json()["error_type"] == "overloaded"
         metrics = httpx.get(f"{s.url}/metrics").text
-        assert 'prefixserve_request_errors_total{route="/generate",status="503"}' in metrics
+        assert 'prefixserve_request_errors_total{route="/generate",status="503",tenant=":anonymous"}' in metrics
     finally:
         stop_server(s)
 
