@@ -47,7 +47,7 @@ def build_state(settings: Settings) -> AppState:
                                          prompt_token_weight=settings.scheduler_prompt_weight,
                                          output_token_weight=settings.scheduler_output_weight))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
-    metrics = Metrics(engine, cache)
+    metrics = Metrics(engine, cache, settings.metrics_max_tenants)
     tasks = TaskRegistry(store, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),
                          settings.max_upload_bytes, on_load=metrics.cold_load)
     metrics.add_tiers(tasks)

@@ -11,13 +11,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
+from server.api.auth import CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, to_api_error, validation
 from server.api.generate import stream_response
 from server.api.limits import check_text
 from server.api.schemas import Lenient, check_stops, sampling_params
-from server.api.service import Generation, TokenOut, encode, run_or_cancel, start_many
+from server.api.service import Generation, TokenOut, encode, run_or_cancel, start_many, visible_tasks
 from server.engine.sampling import SamplingParams
+from server.tenants.namespaces import split_stored
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 FINGERPRINT = "prefixserve-0.1.0"
@@ -176,7 +178,7 @@ async def _openai_stream(gens: list[Generation], head: dict[str, Any], choice, u
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, state: StateDep):
+async def completions(body: CompletionRequest, request: Request, state: StateDep, caller: CallerDep):
     """OpenAI completions: `model` is the task; `prompt` a string or a list; n, stop, seed, stream."""
     if body.suffix:
         raise validation("suffix: not supported by this server")
@@ -184,7 +186,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     prompts = _prompts(state, body.prompt)
     task = _task(state, body.model)
     jobs = [(task, ids, sp, stops) for ids in prompts for sp in params]
-    gens = await start_many(state, jobs, "v1_completions")
+    gens = await start_many(state, caller, jobs, "v1_completions")
     echo = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in params]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
@@ -228,11 +230,11 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request, state: StateDep):
+async def chat_completions(body: ChatRequest, request: Request, state: StateDep, caller: CallerDep):
     """OpenAI chat completions for models with a chat template; `model` is the task."""
     params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens)
     ids = _chat_prompt(state, body.messages)
-    gens = await start_many(state, [(_task(state, body.model), ids, sp, stops) for sp in params], "v1_chat")
+    gens = await start_many(state, caller, [(_task(state, body.model), ids, sp, stops) for sp in params], "v1_chat")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
     if body.stream:
@@ -259,11 +261,12 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep)
 
 
 @router.get("/models")
-async def models(state: StateDep) -> dict[str, Any]:
-    """The base model and every stored task (use a task's id as `model`)."""
+async def models(state: StateDep, caller: CallerDep) -> dict[str, Any]:
+    """The base model and every task the caller can use (use a task's id as `model`)."""
     base = state.model_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "prefixserve"}]
-    for name, m in (await state.store.list()).items():
-        data.append({"id": name, "object": "model", "created": 0, "owned_by": "prefixserve", "root": base,
-                     "parent": base, "version": m.sha256})
+    for name, (stored, m) in (await visible_tasks(state, caller)).items():
+        owner = split_stored(stored)[0] or "prefixserve"  # a tenant's own task: the tenant
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": owner, "root": base, "parent": base,
+                     "version": m.sha256})
     return {"object": "list", "data": data}

@@ -9,6 +9,8 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
+from prefix_store.artifact import Manifest
+from prefix_store.base import PrefixNotFound, VersionNotFound
 from server.api.deps import AppState
 from server.api.errors import APIError, validation
 from server.api.limits import check_text
@@ -16,15 +18,33 @@ from server.api.text import IncrementalDecoder, StopMatcher
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.request import GenerationResult, RequestHandle
 from server.engine.sampling import SamplingParams
+from server.tenants.namespaces import Caller, candidates, public_name, split_ref
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("prefixserve.requests")  # one line per finished generation, with its tenant
 
 
-async def acquire_prefix(state: AppState, task: str | None) -> DevicePrefix | None:
-    """The pinned device prefix serving `task` (NAME or NAME@VERSION; None: the base model); release it after."""
+async def acquire_prefix(state: AppState, caller: Caller, task: str | None) -> DevicePrefix | None:
+    """The pinned device prefix serving `task` (NAME or NAME@VERSION; None: the base model) for `caller`: their
+    own task first, then the shared one (server/tenants/namespaces.py); release it after."""
     if not task:
         return None
-    return await state.tasks.acquire(task)  # PrefixNotFound -> 404, StoreError -> 503
+    name, version = split_ref(task)
+    at = f"@{version}" if version else ""
+    for stored in candidates(caller, name):
+        try:
+            return await state.tasks.acquire(stored + at)  # StoreError -> 503
+        except PrefixNotFound:
+            continue
+    raise VersionNotFound(name, version) if version else PrefixNotFound(name)  # named as the caller named it
+
+
+async def visible_tasks(state: AppState, caller: Caller) -> dict[str, tuple[str, Manifest]]:
+    """Every stored task `caller` can use, by the name they use: {public name: (stored name, manifest)}."""
+    listing = await state.store.list()
+    names = set(listing)
+    seen = ((public_name(caller, stored, names), stored, m) for stored, m in listing.items())
+    return {public: (stored, m) for public, stored, m in sorted(seen, key=lambda x: x[0] or "") if public}
 
 
 def encode(state: AppState, text: str, *, field: str = "inputs", truncate: int | None = None) -> list[int]:
@@ -62,6 +82,8 @@ class Generation:
     route: str
     version: str | None
     stops: list[str]
+    caller: Caller
+    reserved: int = 0  # tokens_per_minute reserved at admission (unused ones are refunded at the end)
     decoder: IncrementalDecoder = field(init=False)
     matcher: StopMatcher = field(init=False)
     emitted: list[TokenOut] = field(default_factory=list)
@@ -108,8 +130,13 @@ class Generation:
             if self.result is None:  # the consumer went away (client disconnect): free the row now
                 self.handle.cancel()
         r = self.result
-        self.state.metrics.observe(self.task, self.route, self.finish_reason or r.finish_reason, r.prompt_tokens,
-                                   len(self.emitted), r.submitted_at, r.first_token_at, r.finished_at)
+        self.state.metrics.observe(self.task, self.caller.label, self.route, self.finish_reason or r.finish_reason,
+                                   r.prompt_tokens, len(self.emitted), r.submitted_at, r.first_token_at,
+                                   r.finished_at)
+        await self.state.quotas.refund_tokens(self.caller, self.reserved - r.prompt_tokens - len(self.emitted))
+        request_log.info("tenant=%s task=%s route=%s finish=%s prompt_tokens=%d generated=%d seconds=%.3f",
+                         self.caller.label, self.task or "-", self.route, self.finish_reason or r.finish_reason,
+                         r.prompt_tokens, len(self.emitted), r.finished_at - r.submitted_at)
         if not self.finish_reason:
             self._settle(r.finish_reason)
             if r.finish_reason == "error":
@@ -138,31 +165,36 @@ class Generation:
         return self
 
 
-async def start(state: AppState, task: str | None, prompt_ids: list[int], params: SamplingParams,
+async def start(state: AppState, caller: Caller, task: str | None, prompt_ids: list[int], params: SamplingParams,
                 stops: list[str], route: str) -> Generation:
-    """Acquire the task's prefix and submit; on any refusal the prefix is released and the error raised."""
-    prefix = await acquire_prefix(state, task)
+    """Check the caller's limits, reserve its tokens, acquire the task's prefix and submit; on any refusal the
+    prefix is released, the tokens given back and the error raised."""
+    state.quotas.check_lengths(caller, len(prompt_ids), params.max_new_tokens)
+    reserved = await state.quotas.reserve_tokens(caller, len(prompt_ids) + params.max_new_tokens)
+    prefix = None
     name = task.partition("@")[0] if task else None  # metrics and engine tags by name, not by version
     try:
-        handle = state.engine.submit(prompt_ids, params, prefix, tag=name or "")
-    except ValueError as e:
+        prefix = await acquire_prefix(state, caller, task)
+        handle = state.engine.submit(prompt_ids, params, prefix, tag=name or "", tenant=caller.tenant)
+    except BaseException as e:
         if prefix is not None:
             prefix.release()
-        raise validation(str(e)) from None
-    except BaseException:
-        if prefix is not None:
-            prefix.release()
+        await state.quotas.refund_tokens(caller, reserved)
+        if isinstance(e, ValueError):
+            raise validation(str(e)) from None
         raise
-    return Generation(state, handle, name, route, prefix.version if prefix else None, stops)
+    return Generation(state, handle, name, route, prefix.version if prefix else None, stops, caller, reserved)
 
 
-async def start_many(state: AppState, jobs: list[tuple[str | None, list[int], SamplingParams, list[str]]],
-                     route: str) -> list[Generation]:
+Job = tuple[str | None, list[int], SamplingParams, list[str]]  # task, prompt ids, sampling, stop strings
+
+
+async def start_many(state: AppState, caller: Caller, jobs: list[Job], route: str) -> list[Generation]:
     """Submit several requests all or nothing: if one is refused, the ones already queued are cancelled."""
     gens: list[Generation] = []
     try:
         for task, ids, params, stops in jobs:
-            gens.append(await start(state, task, ids, params, stops, route))
+            gens.append(await start(state, caller, task, ids, params, stops, route))
     except BaseException:
         for g in gens:
             g.handle.cancel()
