@@ -103,7 +103,7 @@ class Manifest:
         """Parse and type-check a manifest; unknown keys are an error naming them."""
         try:
             d = data if isinstance(data, dict) else json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise ArtifactError("manifest", "valid JSON", f"invalid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ArtifactError("manifest", "a JSON object", type(d).__name__)
@@ -219,7 +219,7 @@ def check_safetensors_header(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) ->
                             f"{n} bytes (not a safetensors file, or truncated)")
     try:
         header = json.loads(data[8:8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ArtifactError("tensors.header", "JSON", "unparseable bytes (not a safetensors file)") from None
     if not isinstance(header, dict):
         raise ArtifactError("tensors.header", "a JSON object", type(header).__name__)

@@ -57,7 +57,7 @@ def parse_peft(files: dict[str, bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> P
         raise ArtifactError("files", ADAPTER_WEIGHTS, sorted(files))
     try:
         cfg = json.loads(files[ADAPTER_CONFIG])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise ArtifactError(ADAPTER_CONFIG, "valid JSON", f"invalid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ArtifactError(ADAPTER_CONFIG, "a JSON object", type(cfg).__name__)

@@ -14,17 +14,9 @@ import pytest
 from server.api.errors import APIError
 from server.api.limits import check_text, json_depth
 from tests.api.conftest import Server, start_server, stop_server
+from tests.api.test_errors import _err
 
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 3}}
-
-
-def _err(r: httpx.Response, status: int, *words: str) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error", "error_type"}, body
-    for w in words:
-        assert w in body["error"], (w, body)
-    return body
 
 
 def _raw(server: Server, request: bytes, wait: float = 10, rcvbuf: int | None = None) -> socket.socket:
