@@ -15,11 +15,12 @@ Mechanism: `apply_prefixes(model, ...)` is a context manager that (1) switches t
 to `prefixserve_prefix`, an attention function registered through transformers' `AttentionInterface` (and its mask
 function through `AttentionMaskInterface`) under a new name — no existing transformers function is replaced — and
 (2) for "after_prefix" adds a forward pre-hook to the decoder's position embedding that shifts its position ids by
-P. The attention function looks the calling module up in a `ContextVar` (module -> prefix K/V); calls from
-modules without a prefix, and from outside the context, compute exactly what sdpa computes. The prefixes are never
-written into Hugging Face caches, so the same mechanism serves a training forward (gradients flow into the prefix
-tensors), cached greedy decoding and HF `generate` (beam search) inside the context. On exit the previous attention
-implementation is restored and the hook removed. The model must not be run by another thread while a context is open.
+P. The attention function looks the calling module up in a `ContextVar` (module -> prefix K/V); modules without a
+prefix run sdpa attention with the same (materialised) mask; outside the context the model is untouched. The
+prefixes are never written into Hugging Face caches, so the same mechanism serves a training forward (gradients flow
+into the prefix tensors), cached greedy decoding and HF `generate` (beam search) inside the context. On exit the
+previous attention implementation is restored and the hook removed. The model must not be run by another thread
+while a context is open.
 """
 from __future__ import annotations
 

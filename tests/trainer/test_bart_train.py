@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from prefix_store.artifact import load_dir, validate
+from server.engine.engine import Engine, EngineConfig
 from server.engine.model import load_model
+from server.engine.prefix_cache import DevicePrefix
+from server.engine.sampling import SamplingParams
 from tests.tiny import save_tiny_model_dir
 from trainer.bart_prefix import greedy_generate, prefix_logits
 from trainer.data import Example
@@ -175,6 +178,13 @@ def test_e2e_run_through_the_cli_trains_saves_and_decodes(bart_dir, tmp_path, ca
     assert ours == [t for t in ref if t != loaded.tokenizer.eos_token_id] and ref != bare
     assert len(generate_seq2seq(loaded.model, src, Seq2SeqPrefix.from_artifact(art),
                                 stop_token_ids(loaded.tokenizer), 3, 12)) <= 12
+    # ... and the engine serves the trained artifact with the same greedy ids
+    engine = Engine(loaded, EngineConfig(max_batch_size=2))
+    handle = engine.submit(src, SamplingParams(max_new_tokens=12),
+                           DevicePrefix.from_artifact("e2e", art, loaded.device, loaded.dtype))
+    while not handle.done:
+        engine.step()
+    assert handle.wait(0).token_ids == ref
 
     # scoring is covered by test_metrics; here the Python tokeniser path spares two JVM start-ups
     monkeypatch.setattr("trainer.metrics.java_available", lambda: False)
