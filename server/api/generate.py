@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.auth import CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, to_api_error, validation
+from server.api.logprobs import tgi_top_tokens
 from server.api.schemas import (Details, GenerateRequest, GenerateResponse, InputToken, Parameters, StreamDetails,
                                 StreamResponse, Token, tgi_params)
 from server.api.service import Generation, encode, run_or_cancel, start
@@ -49,10 +50,11 @@ def _details(gen: Generation, p: Parameters) -> Details:
     if p.decoder_input_details:
         tok = gen.state.tokenizer
         prefill = [InputToken(id=i, text=tok.decode([i])) for i in r.prompt_ids]
+    top = [tgi_top_tokens(gen.decoder, t.top) for t in gen.emitted] if r.params.top_logprobs else None
     return Details(finish_reason=gen.finish_reason, generated_tokens=len(gen.emitted),
                    prompt_tokens=len(r.prompt_ids), seed=r.params.seed if r.params.do_sample else None,
                    prefill=prefill, tokens=[Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
-                                            for t in gen.emitted])
+                                            for t in gen.emitted], top_tokens=top)
 
 
 def _response(gen: Generation, body: GenerateRequest) -> dict[str, Any]:
@@ -60,7 +62,7 @@ def _response(gen: Generation, body: GenerateRequest) -> dict[str, Any]:
     text = (body.inputs + gen.text) if p.return_full_text else gen.text
     out: dict[str, Any] = {"generated_text": text}
     if p.details:
-        out["details"] = _details(gen, p).model_dump()
+        out["details"] = _details(gen, p).model_dump(exclude={"top_tokens"} if not p.top_n_tokens else None)
     return out
 
 
@@ -82,14 +84,15 @@ async def _tgi_events(gen: Generation, body: GenerateRequest) -> AsyncIterator[b
     try:
         async for t in gen.tokens():
             ev = StreamResponse(index=t.index + 1, token=Token(id=t.id, text=t.text, logprob=t.logprob,
-                                                               special=t.special))
+                                                               special=t.special),
+                                top_tokens=tgi_top_tokens(gen.decoder, t.top) if p.top_n_tokens else None)
             if t.last:
                 r = gen.handle.request
                 ev.generated_text = (body.inputs + gen.text) if p.return_full_text else gen.text
                 ev.details = StreamDetails(finish_reason=gen.finish_reason, generated_tokens=len(gen.emitted),
                                            prompt_tokens=len(r.prompt_ids),
                                            seed=r.params.seed if r.params.do_sample else None)
-            yield sse(ev.model_dump())
+            yield sse(ev.model_dump(exclude={"top_tokens"} if not p.top_n_tokens else None))
     except Exception as e:  # the status line is gone: report in the stream, as TGI does
         err = to_api_error(e)
         yield sse(error_body(err.message, err.error_type))

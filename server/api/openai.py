@@ -16,6 +16,7 @@ from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, to_api_error, validation
 from server.api.generate import stream_response
 from server.api.limits import check_text
+from server.api.logprobs import chat_logprobs, chat_top, completion_logprobs, completion_top
 from server.api.schemas import Lenient, check_stops, sampling_params
 from server.api.service import Generation, TokenOut, encode, run_or_cancel, start_many, visible_tasks
 from server.engine.sampling import SamplingParams
@@ -49,8 +50,8 @@ class _Common(Lenient):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
-    top_logprobs: int | None = None
+    logprobs: Any = Field(None, description="completions: alternatives per token (0-5); chat: true/false")
+    top_logprobs: int | None = Field(None, description="chat: alternatives per token (0-20), with logprobs: true")
     best_of: int | None = None
     tools: Any = None
     response_format: Any = None
@@ -80,8 +81,7 @@ class ChatRequest(_Common):
 
 def _check_neutral(r: _Common) -> None:
     checks = [("presence_penalty", not r.presence_penalty), ("frequency_penalty", not r.frequency_penalty),
-              ("logit_bias", not r.logit_bias), ("logprobs", r.logprobs in (None, False, 0)),
-              ("top_logprobs", not r.top_logprobs), ("best_of", r.best_of in (None, 1)), ("tools", not r.tools),
+              ("logit_bias", not r.logit_bias), ("best_of", r.best_of in (None, 1)), ("tools", not r.tools),
               ("response_format", r.response_format in (None, {"type": "text"}))]
     bad = next((name for name, ok in checks if not ok), None)
     if bad:
@@ -94,12 +94,14 @@ def _task(state: AppState, model: str | None) -> str | None:
     return None if model in (None, "", state.model_id, state.loaded.name) else model
 
 
-def _params(state: AppState, r: _Common, max_tokens: int | None) -> tuple[list[SamplingParams], list[str]]:
-    """One SamplingParams per choice (choice i of a seeded sampling request uses seed + i)."""
+def _params(state: AppState, r: _Common, max_tokens: int | None,
+            top: int | None) -> tuple[list[SamplingParams], list[str]]:
+    """One SamplingParams per choice (choice i of a seeded sampling request uses seed + i); `top` alternatives
+    per token when logprobs were asked for."""
     _check_neutral(r)
     temperature = 1.0 if r.temperature is None else r.temperature
     base = sampling_params(max_tokens, state.settings.max_new_tokens_default, do_sample=temperature > 0,
-                           temperature=temperature, top_p=r.top_p, seed=r.seed, prefix="")
+                           temperature=temperature, top_p=r.top_p, seed=r.seed, top_logprobs=top, prefix="")
     stops = check_stops([r.stop] if isinstance(r.stop, str) else r.stop, "stop")
     out = []
     for i in range(r.n or 1):
@@ -182,7 +184,8 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     """OpenAI completions: `model` is the task; `prompt` a string or a list; n, stop, seed, stream."""
     if body.suffix:
         raise validation("suffix: not supported by this server")
-    params, stops = _params(state, body, body.max_tokens)
+    top = completion_top(body.logprobs)
+    params, stops = _params(state, body, body.max_tokens, top)
     prompts = _prompts(state, body.prompt)
     task = _task(state, body.model)
     jobs = [(task, ids, sp, stops) for ids in prompts for sp in params]
@@ -191,18 +194,21 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
     if body.stream:
-        sent = set()
+        sent: dict[int, int] = {}  # choice -> characters of token text sent so far (logprobs' text_offset)
 
         def choice(i: int, t: TokenOut) -> dict[str, Any] | None:
             text = t.visible if i in sent else echo[i] + t.visible
-            sent.add(i)
+            offset = sent.setdefault(i, len(echo[i]))
+            sent[i] += len(t.text)
+            lp = completion_logprobs(gens[i].decoder, [t], offset) if top is not None else None
             reason = _FINISH.get(gens[i].finish_reason) if t.last else None
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
 
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return stream_response(_openai_stream(gens, head, choice, usage), gens[0].version)
     await run_or_cancel(request, gens)
-    choices = [{"index": i, "text": echo[i] + g.text, "logprobs": None,
+    choices = [{"index": i, "text": echo[i] + g.text,
+                "logprobs": completion_logprobs(g.decoder, g.emitted, len(echo[i])) if top is not None else None,
                 "finish_reason": _FINISH.get(g.finish_reason, g.finish_reason)} for i, g in enumerate(gens)]
     return JSONResponse({**head, "choices": choices, "usage": _usage(gens)}, headers=_headers(gens))
 
@@ -232,7 +238,8 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, state: StateDep, caller: CallerDep):
     """OpenAI chat completions for models with a chat template; `model` is the task."""
-    params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens)
+    top = chat_top(body.logprobs, body.top_logprobs)
+    params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens, top)
     ids = _chat_prompt(state, body.messages)
     gens = await start_many(state, caller, [(_task(state, body.model), ids, sp, stops) for sp in params], "v1_chat")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -247,14 +254,16 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep,
                 started.add(i)
                 delta["role"] = "assistant"
             reason = _FINISH.get(gens[i].finish_reason) if t.last else None
-            if not t.visible and reason is None and "role" not in delta:
+            lp = chat_logprobs(gens[i].decoder, [t]) if top is not None else None
+            if not t.visible and reason is None and "role" not in delta and lp is None:
                 return None
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return stream_response(_openai_stream(gens, head, choice, usage), gens[0].version)
     await run_or_cancel(request, gens)
-    choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
+    choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
+                "logprobs": chat_logprobs(g.decoder, g.emitted) if top is not None else None,
                 "finish_reason": _FINISH.get(g.finish_reason, g.finish_reason)} for i, g in enumerate(gens)]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": _usage(gens)},
                         headers=_headers(gens))

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.errors import validation
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 
@@ -61,7 +61,6 @@ def _unsupported(p: Parameters) -> str | None:
         ("best_of", p.best_of in (None, 1)),
         ("typical_p", p.typical_p is None or p.typical_p >= 1.0),
         ("watermark", not p.watermark),
-        ("top_n_tokens", not p.top_n_tokens),
         ("return_k_alternatives", not p.return_k_alternatives),
         ("frequency_penalty", not p.frequency_penalty),
         ("grammar", p.grammar is None),
@@ -84,7 +83,8 @@ def check_stops(stops: list[str] | None, field: str) -> list[str]:
 def sampling_params(max_new_tokens: int | None, default_max: int, *, do_sample: bool | None = None,
                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float | None = None, seed: int | None = None,
-                    ignore_eos: bool | None = None, prefix: str = "parameters.") -> SamplingParams:
+                    ignore_eos: bool | None = None, top_logprobs: int | None = None,
+                    prefix: str = "parameters.") -> SamplingParams:
     """Build validated SamplingParams. As in TGI, temperature/top_k/top_p imply sampling; temperature 0 is greedy."""
     greedy_temp = temperature == 0
     sample = bool(do_sample) or (temperature not in (None, 1.0) and not greedy_temp) or bool(top_k) \
@@ -95,7 +95,7 @@ def sampling_params(max_new_tokens: int | None, default_max: int, *, do_sample: 
         temperature=1.0 if temperature in (None, 0) else temperature,
         top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
-        seed=seed, ignore_eos=bool(ignore_eos))
+        seed=seed, ignore_eos=bool(ignore_eos), top_logprobs=top_logprobs or 0)
     if sp.do_sample and sp.seed is None:
         sp.seed = secrets.randbits(63)  # drawn here so the response can report it (TGI's details.seed)
     try:
@@ -112,9 +112,11 @@ def tgi_params(p: Parameters, default_max: int) -> tuple[SamplingParams, list[st
         raise validation(f"parameters.{bad}: not supported by this server (leave it null)")
     if p.truncate is not None and p.truncate < 1:
         raise validation("parameters.truncate: must be >= 1")
+    if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= MAX_TOP_LOGPROBS:
+        raise validation(f"parameters.top_n_tokens: must be in [0, {MAX_TOP_LOGPROBS}]")
     sp = sampling_params(p.max_new_tokens, default_max, do_sample=p.do_sample, temperature=p.temperature,
                          top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed,
-                         ignore_eos=p.ignore_eos_token)
+                         ignore_eos=p.ignore_eos_token, top_logprobs=p.top_n_tokens)
     return sp, check_stops(p.stop, "parameters.stop")
 
 
@@ -145,6 +147,8 @@ class Details(BaseModel):
     seed: int | None = None
     prefill: list[InputToken] = []
     tokens: list[Token] = []
+    top_tokens: list[list[Token]] | None = Field(None, description="With parameters.top_n_tokens: per token, the "
+                                                 "most likely tokens at that step")
 
 
 class GenerateResponse(BaseModel):
@@ -168,5 +172,6 @@ class StreamResponse(BaseModel):
 
     index: int
     token: Token
+    top_tokens: list[Token] | None = None
     generated_text: str | None = None
     details: StreamDetails | None = None

@@ -70,6 +70,7 @@ class TokenOut:
     visible: str  # text to show now: stop strings removed and possible stop prefixes held back
     index: int
     last: bool = False  # the final token: finish_reason and text are settled
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens at this step, when the request asked
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Generation:
                 special = ev.token_id in self.decoder.special
                 visible = self.matcher.feed(self.decoder.add(ev.token_id))
                 tok = TokenOut(ev.token_id, ev.logprob, self.decoder.token_text(ev.token_id), special, visible,
-                               ev.index)
+                               ev.index, top=ev.top)
                 self.emitted.append(tok)
                 if self.matcher.stopped:
                     self.handle.cancel()
