@@ -80,7 +80,7 @@ def bart_base_config(**over) -> BartConfig:
     """facebook/bart-base's shape (6+6 layers, d_model 768, 12 heads, vocabulary 50265), for random weights."""
     d = dict(vocab_size=BART_VOCAB, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
              decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
-             forced_bos_token_id=0, forced_eos_token_id=2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     d.update(over)
     return BartConfig(**d)
 

@@ -18,6 +18,8 @@ def prompt_tuning_to_kv(loaded: LoadedModel, embeddings: torch.Tensor) -> torch.
     PEFT's prompt tuning.
     """
     spec = loaded.spec
+    if spec.is_encoder_decoder:  # PEFT's seq2seq prompt tuning feeds the encoder: not a KV prefix
+        raise ArtifactError("adapter_config.peft_type", "PREFIX_TUNING for an encoder-decoder model", "PROMPT_TUNING")
     if embeddings.dim() != 2 or embeddings.shape[1] != spec.hidden_size:
         raise ArtifactError("prompt_embeddings.shape", f"[P, {spec.hidden_size}]", list(embeddings.shape))
     emb = embeddings.to(device=loaded.device, dtype=loaded.dtype)[None]  # [1, P, hidden]

@@ -69,8 +69,7 @@ class Seq2SeqRunner:
         gen, cfg = getattr(self.model, "generation_config", None), self.model.config
         start = getattr(gen, "decoder_start_token_id", None)
         self.start_ids = [int(start if start is not None else cfg.decoder_start_token_id)]
-        forced = getattr(gen, "forced_bos_token_id", None)
-        self.forced_bos = forced if forced is not None else getattr(cfg, "forced_bos_token_id", None)
+        self.forced_bos = getattr(gen, "forced_bos_token_id", None)  # where HF generate reads it
         self._positions: torch.Tensor | None = None  # per-row position ids [n, q] during a forward
         self.decoder.embed_positions.register_forward_hook(self._position_hook)
         self._check_logits()

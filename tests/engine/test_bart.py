@@ -1,0 +1,151 @@
+"""BART served by the engine: greedy tokens alone == in a mixed continuous batch == the reference implementation
+(trainer/bart_prefix.py, unbatched) for encoder, decoder and cross-attention prefixes in both position conventions;
+the bare model == HF generate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefix_store.artifact import build_artifact, validate
+from server.engine.engine import Engine, EngineConfig, generate_sync
+from server.engine.model import load_model
+from server.engine.prefix_cache import DevicePrefix
+from server.engine.sampling import SamplingParams
+from tests.tiny import bart_tokenizer, loaded_tiny, save_tiny_model_dir
+from trainer.bart_prefix import greedy_generate
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello", "name : The Eagle | Type : coffee shop | area : "
+         "riverside", "A summary, please", "Prefix tuning keeps the language model frozen and learns a few vectors."]
+
+# task -> (P of kv, P of encoder_kv, P of cross_kv, positions)
+TASKS = {"all-zero": (3, 5, 4, "from_zero"), "all-after": (6, 2, 7, "after_prefix"), "enc": (0, 4, 0, "from_zero"),
+         "dec": (5, 0, 0, "from_zero"), "dec-after": (2, 0, 0, "after_prefix"), "cross": (0, 0, 3, "after_prefix")}
+
+
+@pytest.fixture(scope="module")
+def bart():
+    return loaded_tiny("bart")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    tok = bart_tokenizer()
+    return [tok(t).input_ids for t in TEXTS]
+
+
+def make_prefix(loaded, name: str, seed: int) -> tuple[DevicePrefix, dict, str]:
+    """A validated artifact with random prefixes at the scale of the model's own keys, as the engine holds it."""
+    p, p_enc, p_cross, positions = TASKS[name]
+    s, g = loaded.spec, torch.Generator().manual_seed(seed)
+
+    def rand(layers, heads, n, dim):  # [layers, 2, kv_heads, P, head_dim]
+        return 3 * torch.randn(layers, 2, heads, n, dim, generator=g) if n else None
+
+    art = build_artifact(rand(s.num_layers, s.num_kv_heads, p, s.head_dim), s.fingerprint(),
+                         encoder_kv=rand(s.num_encoder_layers, s.num_encoder_kv_heads, p_enc, s.encoder_head_dim),
+                         cross_kv=rand(s.num_layers, s.num_kv_heads, p_cross, s.head_dim), positions=positions)
+    validate(art, s.fingerprint())
+    return DevicePrefix.from_artifact(name, art, loaded.device, loaded.dtype), art.tensors, positions
+
+
+@pytest.fixture(scope="module")
+def prefixes(bart):
+    return {name: make_prefix(bart, name, seed) for seed, name in enumerate(TASKS)}
+
+
+def reference(loaded, prompt: list[int], task: tuple | None, n: int) -> list[int]:
+    """trainer/bart_prefix.py's unbatched greedy decoding with the same prefixes."""
+    tensors, positions = (task[1], task[2]) if task else (None, "from_zero")
+    return greedy_generate(loaded.model, prompt, tensors, positions, max_new_tokens=n, ignore_eos=True)
+
+
+def run_alone(loaded, prompt, prefix, n, **sampling) -> list[int]:
+    engine = Engine(loaded, EngineConfig(max_batch_size=4))
+    h = engine.submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling), prefix)
+    while not h.done:
+        engine.step()
+    return h.wait(0).token_ids
+
+
+@pytest.mark.parametrize("name", list(TASKS) + [None])
+def test_alone_equals_reference(bart, inputs, prefixes, name):
+    """Each prefix kind alone (encoder-only, decoder-only in both conventions, cross-only, all three in both)."""
+    task = prefixes[name] if name else None
+    got = [run_alone(bart, prompt, task[0] if task else None, 10) for prompt in (inputs[0], inputs[2])]
+    assert got == [reference(bart, prompt, task, 10) for prompt in (inputs[0], inputs[2])]
+    if task:  # the prefix matters: without it, the inputs decode differently
+        assert got != [reference(bart, prompt, None, 10) for prompt in (inputs[0], inputs[2])]
+
+
+@pytest.mark.parametrize("chunk", [512, 4], ids=["batched-encoder", "one-input-per-encoder-call"])
+def test_mixed_batch_join_and_leave_equals_alone_and_reference(bart, inputs, prefixes, chunk):
+    """7 kinds of rows (6 tasks of different prefix lengths and conventions + the bare model), input lengths 3-16,
+    joining every other step and leaving as they finish; max_prefill_tokens=4 puts each input in its own encoder
+    call, 512 encodes the admitted inputs together, padded."""
+    engine = Engine(bart, EngineConfig(max_batch_size=5, max_prefill_tokens=chunk))
+    tasks = [prefixes[n] for n in TASKS] + [None]
+    jobs = [(inputs[(i * 2) % len(inputs)], tasks[i % len(tasks)], 3 + (i * 5) % 9) for i in range(12)]
+    expected = [reference(bart, p, t, n) for p, t, n in jobs]
+    handles, sizes, next_job = [], [], 0
+    while next_job < len(jobs) or not all(h.done for h in handles):
+        if next_job < len(jobs) and engine.stats.steps % 2 == 0:
+            for p, t, n in jobs[next_job:next_job + 3]:
+                params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+                handles.append(engine.submit(p, params, t[0] if t else None))
+            next_job += 3
+        engine.step()
+        sizes.append(engine.batch_size)
+    assert [h.wait(0).token_ids for h in handles] == expected
+    assert max(sizes) == 5 and any(b < a for a, b in zip(sizes, sizes[1:]))  # full batch, rows left mid-run
+    for (p, t, n), want in list(zip(jobs, expected))[:4]:
+        assert run_alone(bart, p, t[0] if t else None, n) == want
+
+
+def test_seeded_sampling_alone_equals_mixed(bart, inputs, prefixes):
+    engine = Engine(bart, EngineConfig(max_batch_size=8))
+    engine.start()
+    try:
+        tasks = [prefixes["all-zero"][0], prefixes["cross"][0], None, prefixes["all-after"][0]]
+        params = [SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=50, seed=i,
+                                 ignore_eos=True) for i in range(4)]
+        res = generate_sync(engine, inputs[:4], params, tasks)
+    finally:
+        engine.stop()
+    for r, prompt, t, sp in zip(res, inputs, tasks, params):
+        assert r.token_ids == run_alone(bart, prompt, t, 8, do_sample=True, temperature=0.8, top_k=50, seed=sp.seed)
+
+
+def test_bare_model_equals_hf_generate_with_forced_bos(inputs):
+    """No prefix: the decoder starts at decoder_start_token_id and the generation config's forced BOS comes first,
+    as in HF generate (whose forced EOS at the length limit the server does not apply: it is switched off here)."""
+    loaded = loaded_tiny("bart")
+    loaded.model.generation_config.forced_bos_token_id = 0  # as in e.g. facebook/bart-large-cnn
+    engine = Engine(loaded)
+    for prompt in inputs:
+        ids = torch.tensor([prompt])
+        hf = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                   min_new_tokens=10, do_sample=False, num_beams=1, forced_eos_token_id=None)
+        h = engine.submit(prompt, SamplingParams(max_new_tokens=10, ignore_eos=True))
+        while not h.done:
+            engine.step()
+        got = h.wait(0)
+        assert got.token_ids == hf[0, 1:].tolist() and got.token_ids[0] == 0 and got.logprobs[0] == 0.0
+        assert got.prompt_tokens == len(prompt)  # usage counts the encoder input
+
+
+def test_load_model_directory_and_request_checks(tmp_path, inputs):
+    loaded = load_model(str(save_tiny_model_dir("bart", tmp_path / "bart")))
+    assert loaded.spec.is_encoder_decoder and loaded.tokenizer.eos_token_id == 2
+    engine = Engine(loaded, EngineConfig(max_seq_len=64, kv_cache_bytes=10**6))
+    with pytest.raises(ValueError, match="inputs must contain at least one token"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="exceed the maximum encoder length 64"):
+        engine.submit([5] * 65, SamplingParams())
+    with pytest.raises(ValueError, match=r"decoder start \(1 tokens\) \+ prefix \(0\) \+ max_new_tokens \(70\)"):
+        engine.submit([5] * 10, SamplingParams(max_new_tokens=70))
+    with pytest.raises(ValueError, match="bytes of KV cache"):
+        Engine(loaded, EngineConfig(max_seq_len=64, kv_cache_bytes=10**4)).submit([5] * 60, SamplingParams())
+    h = engine.submit(inputs[0], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    while not h.done:
+        engine.step()
+    assert h.wait(0).token_ids == reference(loaded, inputs[0], None, 5)
