@@ -55,6 +55,10 @@ class Seq2SeqTaskModel(nn.Module):
                              f"choose from {SEQ2SEQ_METHODS}")
         if cfg.init != "random":
             raise ValueError("--init words is implemented for decoder-only models only; use --init random")
+        start = generation_ids(loaded.model)[0]
+        if loaded.tokenizer is not None and start != tokenizer_start_id(loaded.tokenizer):
+            raise ValueError(f"decoder_start_token_id {start} is not the tokenizer's EOS "
+                             f"{tokenizer_start_id(loaded.tokenizer)}: the batches follow BART's convention")
         self.loaded, self.cfg, self.model = loaded, cfg, loaded.model
         self.model.requires_grad_(cfg.method == "finetune")
         self.prefixes = nn.ModuleDict()

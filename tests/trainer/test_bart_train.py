@@ -106,6 +106,9 @@ def test_unsupported_settings_are_named(bart_dir):
         Seq2SeqTaskModel(loaded, MethodConfig(init="words"))
     with pytest.raises(ValueError, match="at least one"):
         Seq2SeqTaskModel(loaded, MethodConfig(prefix_length=0, encoder_prefix_length=0, cross_prefix_length=0))
+    loaded.model.generation_config.decoder_start_token_id = 0
+    with pytest.raises(ValueError, match="decoder_start_token_id 0"):
+        Seq2SeqTaskModel(loaded, MethodConfig())
 
 
 def test_finetune_trains_every_weight(bart_dir):
