@@ -48,6 +48,27 @@ def gpt2_small(seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel
                        torch.device("cpu"), dtype)
 
 
+def bart_base_config(**over):
+    """facebook/bart-base's shape (6+6 layers, d_model 768, 12 heads, vocabulary 50265, 140M parameters)."""
+    from transformers import BartConfig
+
+    d = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+             decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
+             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    d.update(over)
+    return BartConfig(**d)
+
+
+def bart_base(seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """bart-base's shape with random weights; no pretrained BART is reachable here."""
+    from transformers import BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(bart_base_config()).eval().requires_grad_(False).to(dtype)
+    return LoadedModel(model, None, spec_from_config(model.config), "bart-base shape (random)",
+                       torch.device("cpu"), dtype)
+
+
 def embedded(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct (real weights)."""
     loaded = load_model("embedded", dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype])
@@ -56,13 +77,14 @@ def embedded(dtype: torch.dtype = torch.float32) -> LoadedModel:
 
 
 def make_adapters(loaded: LoadedModel, n_tasks: int, out: Path, lengths: list[int]) -> list[Path]:
-    """Save n_tasks PEFT prefix-tuning adapters with random weights for this model."""
+    """Save n_tasks PEFT prefix-tuning adapters with random weights for this model (seq2seq ones for BART)."""
     from peft import PrefixTuningConfig, get_peft_model
 
+    task_type = "SEQ_2_SEQ_LM" if loaded.spec.is_encoder_decoder else "CAUSAL_LM"
     dirs = []
     for i in range(n_tasks):
         p = lengths[i % len(lengths)]
-        pm = get_peft_model(loaded.model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p))
+        pm = get_peft_model(loaded.model, PrefixTuningConfig(task_type=task_type, num_virtual_tokens=p))
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for prm in pm.prompt_encoder.parameters():

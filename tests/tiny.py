@@ -67,22 +67,13 @@ def tiny_config(kind: str, **over):
                  tie_word_embeddings=False)
         d.update(over)
         return LlamaConfig(**d)
-    if kind == "bart":  # bart-base's shape: bart_base_config()
+    if kind == "bart":  # bart-base's shape: bench.common.bart_base_config()
         d = dict(vocab_size=BART_VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=512,
                  init_std=0.3, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
         d.update(over)
         return BartConfig(**d)
     raise ValueError(kind)
-
-
-def bart_base_config(**over) -> BartConfig:
-    """facebook/bart-base's shape (6+6 layers, d_model 768, 12 heads, vocabulary 50265), for random weights."""
-    d = dict(vocab_size=BART_VOCAB, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
-             decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024,
-             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    d.update(over)
-    return BartConfig(**d)
 
 
 def tiny_model(kind: str, seed: int = 0, **over):

@@ -149,3 +149,29 @@ def test_load_model_directory_and_request_checks(tmp_path, inputs):
     while not h.done:
         engine.step()
     assert h.wait(0).token_ids == reference(loaded, inputs[0], None, 5)
+
+
+@pytest.mark.slow
+def test_bart_base_shape_mixed_batch_equals_reference(inputs):
+    """bart-base's shape (6+6 layers, 12 heads of 64, vocabulary 50265; random weights, init_std 0.1 so that greedy
+    choices are not all EOS): three tasks and the bare model in one batch == the reference, row by row."""
+    from transformers import BartForConditionalGeneration
+
+    from bench.common import bart_base_config
+    from server.engine.model import LoadedModel, spec_from_config
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(bart_base_config(init_std=0.1)).eval().requires_grad_(False)
+    loaded = LoadedModel(model, None, spec_from_config(model.config), "bart-base-shape", torch.device("cpu"),
+                         torch.float32)
+    assert (loaded.spec.num_encoder_layers, loaded.spec.num_layers, loaded.spec.num_kv_heads,
+            loaded.spec.head_dim) == (6, 6, 12, 64)
+    tasks = [make_prefix(loaded, name, seed) for seed, name in enumerate(["all-zero", "all-after", "dec"])] + [None]
+    engine = Engine(loaded, EngineConfig(max_batch_size=4))
+    handles = [engine.submit(p, SamplingParams(max_new_tokens=6, ignore_eos=True), t[0] if t else None)
+               for p, t in zip(inputs, tasks)]
+    while not all(h.done for h in handles):
+        engine.step()
+    got = [h.wait(0).token_ids for h in handles]
+    assert got == [reference(loaded, p, t, 6) for p, t in zip(inputs, tasks)]
+    assert any(g != reference(loaded, p, None, 6) for g, p in zip(got[:3], inputs))
