@@ -4,10 +4,11 @@
     python -m bench.http_bench --clients 32 --quick  # tiny model, for a smoke run
 
 Workload: C concurrent clients, each sending R requests back to back to /generate_stream over 8 prefix-tuned
-tasks (prompts of ~24 tokens, N new tokens, greedy, EOS ignored). The in-process run submits the same requests
-(same token ids, same prefixes) to an Engine with the same batch size; both use one torch thread. Reports tokens/s of both and their ratio,
-and p50/p99 time to first token and per-token latency (client side, from the SSE events). Writes
-bench/out/http.json.
+tasks (prompts of ~24 tokens, N new tokens, greedy, EOS ignored). In-process, the same requests (same token ids,
+same prefixes) go to an Engine with the same batch size, twice: from C in-process clients sending back to back
+(the same arrival pattern: the ratio to this one is the cost of HTTP) and all at once (the engine's best case).
+Both sides use one torch thread. Reports tokens/s of each, the ratios, and p50/p99 time to first token and
+per-token latency (client side, from the SSE events). Writes bench/out/http.json.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list[tuple[int, str]], new: int,
-                   batch: int) -> dict:
-    """The engine alone, all requests submitted at once."""
+                   clients: int) -> dict[str, dict]:
+    """The engine alone, two ways: `closed_loop` (C clients each submitting its next request when the previous
+    ends, the arrival pattern of the HTTP run) and `all_at_once` (every request submitted together)."""
     from server.engine.convert import artifact_from_files
     from server.engine.engine import Engine, EngineConfig, generate_sync
     from server.engine.model import load_model
@@ -53,25 +55,36 @@ def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list
 
     torch.set_num_threads(1)  # the same as the server process (OMP_NUM_THREADS=1 in start_server)
     loaded = load_model(str(model_dir))
-    engine = Engine(loaded, EngineConfig(max_batch_size=batch, max_seq_len=1024))
+    engine = Engine(loaded, EngineConfig(max_batch_size=clients, max_seq_len=1024))
     cache = PrefixCache(1 << 30, loaded.device, loaded.dtype)
     arts = [artifact_from_files(a, loaded) for a in adapters]
-    prefixes = [cache.acquire(a.manifest.sha256, lambda a=a: a) for a in arts]
-    for p in prefixes:  # one pin per request below
-        p.release()
+    for a in arts:  # resident, unpinned; each request below pins its prefix once, the engine releases it
+        cache.acquire(a.manifest.sha256, lambda a=a: a).release()
+    versions = [a.manifest.sha256 for a in arts]
+    sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    prompts = [loaded.tokenizer(text)["input_ids"] for _, text in jobs]
+    pins = lambda idx: [cache.acquire(versions[jobs[i][0]], None) for i in idx]  # noqa: E731 (one pin a request)
+
+    async def closed_loop() -> int:
+        async def client(idx: list[int]) -> int:
+            return sum([(await engine.submit(prompts[i], sp, pins([i])[0]).result()).generated_tokens for i in idx])
+        return sum(await asyncio.gather(*(client(list(range(c, len(jobs), clients))) for c in range(clients))))
+
+    def timed(run) -> dict:
+        t0 = time.perf_counter()
+        tokens = run()
+        wall = time.perf_counter() - t0
+        return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
     engine.start()
     try:
-        sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
-        prompts = [loaded.tokenizer(text)["input_ids"] for _, text in jobs]
-        generate_sync(engine, prompts[:batch], sp, [cache.acquire(prefixes[t].version, None) for t, _ in
-                                                    jobs[:batch]])  # warm-up
-        t0 = time.perf_counter()
-        res = generate_sync(engine, prompts, sp, [cache.acquire(prefixes[t].version, None) for t, _ in jobs])
-        wall = time.perf_counter() - t0
+        generate_sync(engine, prompts[:clients], sp, pins(range(clients)))  # warm-up
+        at_once = timed(lambda: sum(r.generated_tokens for r in generate_sync(engine, prompts, sp,
+                                                                               pins(range(len(jobs))))))
+        looped = timed(lambda: asyncio.run(closed_loop()))
     finally:
         engine.stop()
-    tokens = sum(r.generated_tokens for r in res)
-    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+    return {"closed_loop": looped, "all_at_once": at_once}
 
 
 async def _client(c: httpx.AsyncClient, reqs: list[tuple[int, str]], new: int, out: list[dict]) -> None:
@@ -127,7 +140,7 @@ def main() -> None:
     n = args.clients * args.requests_per_client
     jobs = [(i % args.tasks, p) for i, p in enumerate(make_prompts(n))]
 
-    logger.info("in-process engine: %d requests, batch %d", n, args.clients)
+    logger.info("in-process engine: %d requests, batch %d, closed loop and all at once", n, args.clients)
     engine = run_in_process(model_dir, adapters, jobs, args.new_tokens, args.clients)
     logger.info("HTTP: %d clients", args.clients)
     server = start_server(model_dir, work, max_batch_size=args.clients, max_seq_len=1024, log_level="warning")
@@ -140,7 +153,8 @@ def main() -> None:
         stop_server(server)
     result = {"model": shape, "clients": args.clients, "requests": n, "tasks": args.tasks,
               "new_tokens": args.new_tokens, "engine": engine, "http": http,
-              "ratio": http["tokens_per_s"] / engine["tokens_per_s"]}
+              "ratio": http["tokens_per_s"] / engine["closed_loop"]["tokens_per_s"],
+              "ratio_vs_all_at_once": http["tokens_per_s"] / engine["all_at_once"]["tokens_per_s"]}
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out = out if out.suffix == ".json" else out / "http.json"
