@@ -83,6 +83,9 @@ class Seq2SeqRunner:
             raise ValueError(f"inputs ({len(prompt_ids)} tokens) exceed the maximum encoder length "
                              f"{self.max_seq_len}")
         cross = (prefix.cross_length if prefix else 0) + len(prompt_ids)
+        if cross > self.cache.cross_max_len:
+            raise ValueError(f"cross-attention prefix ({prefix.cross_length if prefix else 0}) + inputs "
+                             f"({len(prompt_ids)} tokens) exceed {self.cache.cross_max_len} positions")
         check_decoder_lengths(len(self.start_ids), prefix.length if prefix else 0, max_new_tokens, self.max_seq_len,
                               self.cache.bytes_per_position, self.config.kv_cache_bytes,
                               extra_bytes=cross * self.cache.cross_bytes_per_position(), what="decoder start")

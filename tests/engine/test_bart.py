@@ -143,6 +143,9 @@ def test_load_model_directory_and_request_checks(tmp_path, inputs):
         engine.submit([5] * 65, SamplingParams())
     with pytest.raises(ValueError, match=r"decoder start \(1 tokens\) \+ prefix \(0\) \+ max_new_tokens \(70\)"):
         engine.submit([5] * 10, SamplingParams(max_new_tokens=70))
+    huge = DevicePrefix("huge", None, cross_kv=torch.zeros(2, 2, 4, 100, 16))
+    with pytest.raises(ValueError, match=r"cross-attention prefix \(100\) \+ inputs \(40 tokens\) exceed 128"):
+        engine.submit([5] * 40, SamplingParams(), huge)
     with pytest.raises(ValueError, match="bytes of KV cache"):
         Engine(loaded, EngineConfig(max_seq_len=64, kv_cache_bytes=10**4)).submit([5] * 60, SamplingParams())
     h = engine.submit(inputs[0], SamplingParams(max_new_tokens=5, ignore_eos=True))
