@@ -14,7 +14,7 @@ projecting encoder states). Two things BART's forward cannot take per row are su
 code:
 
 - Position ids: `BartDecoder.forward` computes one `arange(past_length, past_length + q)` for the whole batch. A
-  forward hook on `decoder.embed_positions` (registered once; inert outside this runner's forwards) returns the
+  forward hook on `decoder.embed_positions` (registered for the duration of one decoder forward) returns the
   learned embedding of each row's own position ids instead, `weight[position + offset]` with BART's offset of 2,
   the same lookup `BartLearnedPositionalEmbedding.forward` does. Position = cache position for "after_prefix"
   (PEFT: the decoder input starts at P), cache position - P for "from_zero" (Li & Liang: at 0).
@@ -27,7 +27,7 @@ own last token (HF would replace that token by EOS); beam and n-gram settings ar
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -70,8 +70,6 @@ class Seq2SeqRunner:
         start = getattr(gen, "decoder_start_token_id", None)
         self.start_ids = [int(start if start is not None else cfg.decoder_start_token_id)]
         self.forced_bos = getattr(gen, "forced_bos_token_id", None)  # where HF generate reads it
-        self._positions: torch.Tensor | None = None  # per-row position ids [n, q] during a forward
-        self.decoder.embed_positions.register_forward_hook(self._position_hook)
         self._check_logits()
 
     # ------------------------------------------------------------------ requests
@@ -170,11 +168,13 @@ class Seq2SeqRunner:
         return torch.stack(out)  # [layers, 2, n, kv_heads, L, head_dim]
 
     # ------------------------------------------------------------------ decoding
-    def _position_hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-        """Inside a forward of this runner: the embeddings of each row's own position ids ([n, q, d_model])."""
-        if self._positions is None:
-            return None
-        return torch.nn.functional.embedding(self._positions + module.offset, module.weight)
+    @staticmethod
+    def _positions_hook(positions: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """A forward hook for `embed_positions` that returns the embeddings of each row's own position ids [n, q]:
+        `weight[positions + offset]`, the lookup BartLearnedPositionalEmbedding.forward does ([n, q, d_model])."""
+        def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.embedding(positions + module.offset, module.weight)
+        return hook
 
     def forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int) -> torch.Tensor:
         """One decoder forward for rows [row_start, row_start + n): logits of the last column [n, V]."""
@@ -183,9 +183,10 @@ class Seq2SeqRunner:
         self.cache.prepare(row_start, write_pos, kv_len)
         cache, cross_mask = self.cache.cross_view(row_start, n, self.dtype)
         offsets = torch.tensor(self.cache.pos_offset[row_start:row_start + n], device=self.device)[:, None]
-        self._positions = torch.where(write_pos < self.cache.trash_pos, write_pos - offsets, 0)
+        positions = torch.where(write_pos < self.cache.trash_pos, write_pos - offsets, 0)
         # the encoder states are not read (every cross layer is cached); a zero-copy stand-in gives their shape
         stand_in = torch.zeros(1, 1, self.model.config.d_model, device=self.device, dtype=self.dtype)
+        hook = self.decoder.embed_positions.register_forward_hook(self._positions_hook(positions))
         try:
             with torch.inference_mode():
                 hidden = self.decoder(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
@@ -193,7 +194,7 @@ class Seq2SeqRunner:
                                       encoder_attention_mask=cross_mask).last_hidden_state
                 return self._logits(hidden[:, -1, :].contiguous())  # [n, V]
         finally:
-            self._positions = None
+            hook.remove()  # the model is left as it was found
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """BART's head: the output embedding plus final_logits_bias."""

@@ -152,6 +152,7 @@ def test_load_model_directory_and_request_checks(tmp_path, inputs):
     while not h.done:
         engine.step()
     assert h.wait(0).token_ids == reference(loaded, inputs[0], None, 5)
+    assert not loaded.model.get_decoder().embed_positions._forward_hooks  # the model is left as it was
 
 
 @pytest.mark.slow
