@@ -138,7 +138,7 @@ def _seq2seq(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> Run
 
 # model_type -> runner for encoder-decoder families (their encoder, cross-attention and logits differ per family);
 # decoder-only models all use CausalRunner
-ENCODER_DECODER_RUNNERS = {"bart": _seq2seq, "mbart": _seq2seq}
+ENCODER_DECODER_RUNNERS = {"bart": _seq2seq}
 
 
 def make_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> Runner:

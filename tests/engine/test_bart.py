@@ -179,3 +179,16 @@ def test_bart_base_shape_mixed_batch_equals_reference(inputs):
     got = [h.wait(0).token_ids for h in handles]
     assert got == [reference(loaded, p, t, 6) for p, t in zip(inputs, tasks)]
     assert any(g != reference(loaded, p, None, 6) for g, p in zip(got[:3], inputs))
+
+
+def test_encoder_decoder_families_without_a_runner_are_refused():
+    from transformers import MBartConfig, MBartForConditionalGeneration
+
+    from server.engine.model import LoadedModel, spec_from_config
+
+    cfg = MBartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    model = MBartForConditionalGeneration(cfg).eval()
+    loaded = LoadedModel(model, None, spec_from_config(cfg), "mbart", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="encoder-decoder model type 'mbart' is not supported"):
+        Engine(loaded)
