@@ -34,8 +34,9 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from prefix_store.artifact import POSITIONS  # "after_prefix" | "from_zero"
+
 ATTN_NAME = "prefixserve_prefix"
-POSITIONS = ("from_zero", "after_prefix")
 PREFIX_TENSORS = ("encoder_kv", "kv", "cross_kv")
 
 # tensor name -> (the attention modules it is prepended to, one per layer; config fields: layers, heads)

@@ -26,7 +26,7 @@ from trainer.generate import beam_search
 from trainer.methods import MethodConfig, PrefixMLP
 
 SEQ2SEQ_METHODS = ("prefix", "prefix-direct", "finetune")
-POSITIONS = "from_zero"  # where the trainer's BART prefixes put the decoder's first position
+TRAINED_POSITIONS = "from_zero"  # where the trainer's BART prefixes put the decoder's first position
 
 
 def prefix_lengths(cfg: MethodConfig) -> dict[str, int]:
@@ -46,7 +46,7 @@ def _prefix_shape(config: Any, name: str) -> tuple[int, int, int]:
 class Seq2SeqTaskModel(nn.Module):
     """A BART model plus one method's trainable parameters: prefixes (frozen model) or all weights (finetune)."""
 
-    positions = POSITIONS
+    positions = TRAINED_POSITIONS
 
     def __init__(self, loaded: LoadedModel, cfg: MethodConfig):
         super().__init__()
@@ -192,7 +192,7 @@ class Seq2SeqSteps:
 def generate_seq2seq(model: nn.Module, input_ids: list[int], prefix: Seq2SeqPrefix | None, stop_ids: set[int],
                      num_beams: int = 1, max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[int]:
     """Generated ids (stop token excluded) for one encoder input; greedy when num_beams=1, else beam search."""
-    tensors, positions = (prefix.tensors, prefix.positions) if prefix is not None else ({}, POSITIONS)
+    tensors, positions = (prefix.tensors, prefix.positions) if prefix else ({}, TRAINED_POSITIONS)
     dev = next(model.parameters()).device
     tensors = {k: v.to(dev) for k, v in tensors.items()}
     with apply_prefixes(model, tensors, positions):
