@@ -1,0 +1,185 @@
+"""Per-tenant quotas on two real replicas sharing a Redis the test owns: rates, tokens and concurrency are counted
+in Redis (429 + Retry-After whichever replica is asked), size limits are 4xx naming the limit, storage quotas
+refuse an upload and leave the store as it was, an admin's override takes effect at once."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.api.conftest import Server, native_files, peft_adapter, start_server, stop_server, upload
+from tests.api.test_tenants import make_key
+from tests.prefix_store.conftest import RedisServer
+
+DEFAULT_MAX_NEW = 40  # the servers' --quota-max-new-tokens
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    a: Server
+    b: Server
+    admin: str
+    base_model: dict
+
+    def tenant(self, **limits) -> tuple[httpx.Client, httpx.Client]:
+        """A fresh tenant with these limit overrides: a client on each replica (`.tenant` names it)."""
+        name = f"t{uuid.uuid4().hex[:8]}"
+        with self.a.client(headers={"Authorization": f"Bearer {self.admin}"}) as ops:
+            key = ops.post("/admin/keys", json={"tenant": name}).json()["key"]
+            r = ops.patch(f"/admin/tenants/{name}", json={"limits": limits})
+            assert r.status_code == 200, r.text
+        headers = {"Authorization": f"Bearer {key}"}
+        clients = self.a.client(headers=headers), self.b.client(headers=headers)
+        for c in clients:
+            c.tenant = name
+        return clients
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir, tmp_path_factory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("quotas")
+    redis = RedisServer().start()
+    url = f"{redis.url}?prefix=psquota-{uuid.uuid4().hex[:8]}"
+    admin = make_key(url, "ops", admin=True)
+    servers: list[Server] = []
+    try:
+        for name in ("a", "b"):
+            (root / name).mkdir()
+            servers.append(start_server(model_dir, root / name, store=url, max_seq_len=512,
+                                        max_new_tokens_default=2, quota_max_new_tokens=DEFAULT_MAX_NEW))
+        with servers[0].client(headers={"Authorization": f"Bearer {admin}"}) as ops:
+            base = upload(ops, "shared~base", peft_adapter(seed=3)).json()["manifest"]["base_model"]
+        yield Cluster(redis, servers[0], servers[1], admin, base)
+    finally:
+        for s in servers:
+            assert stop_server(s) in (0, -signal.SIGTERM), s.log.read_text()[-4000:]
+        redis.kill()
+
+
+def _quota_429(r: httpx.Response, limit: str) -> int:
+    assert r.status_code == 429, r.text
+    assert r.json()["error_type"] == "quota_exceeded" and limit in r.json()["error"]
+    return int(r.headers["Retry-After"])
+
+
+def test_requests_per_second_across_replicas(cluster):
+    a, b = cluster.tenant(requests_per_second=0.2)  # a burst of 1, then one request per 5 s
+    with a, b:
+        t0 = time.monotonic()
+        rs = [(a, b)[i % 2].get("/prefixes") for i in range(6)]
+        assert time.monotonic() - t0 < 5  # so no token came back meanwhile
+        assert [r.status_code for r in rs] == [200] + [429] * 5  # one bucket for both replicas
+        assert all(4 <= _quota_429(r, "requests_per_second") <= 5 for r in rs[1:])
+        other_a, other_b = cluster.tenant()
+        with other_a, other_b:
+            assert other_b.get("/prefixes").status_code == 200  # another tenant is not affected
+
+
+def test_tokens_per_minute_across_replicas(cluster):
+    a, b = cluster.tenant(tokens_per_minute=30)  # 10 tokens a request (1 prompt + 9 new): 3 fit
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 9, "ignore_eos_token": True, "details": True}}
+    with a, b:
+        rs = [(a, b)[i % 2].post("/generate", json=body) for i in range(5)]
+        assert [r.status_code for r in rs] == [200, 200, 200, 429, 429], [r.text for r in rs]
+        assert rs[0].json()["details"]["prompt_tokens"] + rs[0].json()["details"]["generated_tokens"] == 10
+        assert _quota_429(rs[3], "tokens_per_minute") >= 10  # ~10 tokens at 0.5 per second
+        r = a.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 30}})
+        assert r.status_code == 422 and "tokens_per_minute (30)" in r.json()["error"]  # can never fit
+
+
+def _multipart(files: dict[str, bytes], boundary: str = "quota-test-boundary") -> tuple[bytes, str]:
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{n}\"\r\n"
+             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n" for n, data in files.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _until(check, timeout: float = 10.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while not (r := check())[0]:
+        assert time.monotonic() < deadline, r[1].text
+        time.sleep(0.05)
+    return r[1]
+
+
+def test_concurrent_requests_across_replicas(cluster):
+    """An upload whose body the test holds back keeps one request in flight on replica a for as long as needed."""
+    a, b = cluster.tenant(concurrent_requests=1)
+    body, kind = _multipart(native_files(cluster.base_model, 7))
+    release = threading.Event()
+
+    def trickle() -> Iterator[bytes]:
+        yield body[:100]
+        release.wait(30)
+        yield body[100:]
+
+    with a, b, ThreadPoolExecutor(1) as pool:
+        held = pool.submit(a.put, "/prefixes/held", content=trickle(), headers={"Content-Type": kind})
+        try:
+            def refused() -> tuple[bool, httpx.Response]:
+                r = b.post("/generate", json={"inputs": "hi"})
+                return r.status_code == 429 or held.done(), r
+
+            r = _until(refused)
+            assert not held.done(), held.result().text  # the upload is still waiting for its body
+            _quota_429(r, "concurrent_requests")  # the other replica counts a's request
+            _quota_429(a.get("/prefixes"), "concurrent_requests")
+        finally:
+            release.set()
+        assert held.result().status_code == 201, held.result().text
+        _until(lambda: ((r := b.post("/generate", json={"inputs": "hi"})).status_code == 200, r))  # slot freed
+
+
+def test_prompt_and_generation_limits_name_themselves(cluster):
+    a, b = cluster.tenant(max_prompt_tokens=4)
+    with a, b:
+        r = a.post("/generate", json={"inputs": "one two three four five six"})
+        assert r.status_code == 422 and "max_prompt_tokens (4)" in r.json()["error"]
+        assert a.post("/generate", json={"inputs": "one two"}).status_code == 200
+        r = b.post("/v1/completions", json={"prompt": "hi", "max_tokens": DEFAULT_MAX_NEW + 1})
+        assert r.status_code == 422 and f"max_new_tokens ({DEFAULT_MAX_NEW})" in r.json()["error"]  # the default
+        assert b.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": DEFAULT_MAX_NEW}}
+                      ).status_code == 200
+    a, b = cluster.tenant(max_new_tokens=5)  # an override of the default
+    with a, b:
+        r = b.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 6}})
+        assert r.status_code == 422 and "max_new_tokens (5)" in r.json()["error"]
+
+
+def test_storage_quotas_refuse_and_change_nothing(cluster):
+    one = len(native_files(cluster.base_model, 0)["prefix.safetensors"])
+    a, b = cluster.tenant(prefixes=2)
+    with a, b:
+        assert upload(a, "p1", native_files(cluster.base_model, 1)).status_code == 201
+        assert upload(b, "p2", native_files(cluster.base_model, 2)).status_code == 201
+        before = a.get("/prefixes").json()
+        r = upload(b, "p3", native_files(cluster.base_model, 3))
+        assert r.status_code == 403 and "prefixes quota (2)" in r.json()["error"]
+        assert upload(a, "p2", native_files(cluster.base_model, 4)).status_code == 200  # replacing is fine
+        assert {p["task"] for p in a.get("/prefixes").json()["prefixes"]} == {p["task"] for p in before["prefixes"]}
+        assert a.get("/prefixes/p3").status_code == 404
+    a, b = cluster.tenant(prefix_bytes=int(one * 1.5))
+    with a, b:
+        nbytes = upload(a, "q1", native_files(cluster.base_model, 5)).json()["manifest"]["nbytes"]
+        assert 0 < nbytes <= one
+        r = upload(b, "q2", native_files(cluster.base_model, 6))
+        assert r.status_code == 403 and f"prefix_bytes quota ({int(one * 1.5)})" in r.json()["error"]
+        assert b.get("/prefixes/q2").status_code == 404
+
+
+def test_override_takes_effect_at_once(cluster):
+    a, b = cluster.tenant()
+    with a, b, cluster.b.client(headers={"Authorization": f"Bearer {cluster.admin}"}) as ops:
+        assert [a.get("/prefixes").status_code for _ in range(3)] == [200] * 3
+        r = ops.patch(f"/admin/tenants/{a.tenant}", json={"limits": {"requests_per_second": 0.1}})
+        assert r.status_code == 200 and r.json()["overrides"] == {"requests_per_second": 0.1}
+        assert [(a, b)[i].get("/prefixes").status_code for i in range(2)] == [200, 429]
+        tenants = {t["name"]: t for t in ops.get("/admin/tenants").json()["tenants"]}
+        assert tenants[a.tenant]["limits"]["max_new_tokens"] == DEFAULT_MAX_NEW
