@@ -3,19 +3,29 @@
 Auth is on when the setting says `required`, or as soon as the store holds a tenant (one is created with its
 first key and stays when keys are revoked, so revoking every key locks everyone out rather than opening the
 server). Until then every request is the anonymous caller, who owns the shared namespace and is no admin.
+
+While the store cannot be reached (Redis down), keys cannot be revoked either, so a key this replica verified in
+the last STALE_KEY_S seconds is still accepted (and a server whose store had no tenants stays open); any other
+request gets the store's 503. Cached tasks thus keep serving through a Redis outage, as without auth.
 """
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from prefix_store.base import StoreUnavailable
 from prefix_store.keys import KeyRecord, KeyStore, TenantRecord
-from server.tenants.keys import key_id, matches, new_key
+from server.tenants.keys import key_hash, key_id, matches, new_key
 from server.tenants.limits import LIMIT_NAMES, Limits, check_overrides
 from server.tenants.namespaces import Caller, validate_tenant_name
 
+logger = logging.getLogger(__name__)
 AUTH_MODES = ("auto", "required")
+STALE_KEY_S = 60.0  # while the store is unreachable, keys verified this recently are still accepted
+RECENT_KEYS = 4096  # keys remembered for that (least recently verified dropped first)
 
 
 class Unauthorized(Exception):
@@ -29,6 +39,8 @@ class TenantDirectory:
     keys: KeyStore
     defaults: Limits
     mode: str = "auto"
+    _was_enabled: bool | None = field(default=None, init=False)  # auth state at the last store answer
+    _recent: OrderedDict[str, tuple[Caller, float]] = field(default_factory=OrderedDict, init=False)
 
     def __post_init__(self) -> None:
         if self.mode not in AUTH_MODES:
@@ -50,14 +62,33 @@ class TenantDirectory:
     async def authenticate(self, key: str | None) -> Caller:
         """The caller a presented key (None: none sent) stands for; Unauthorized when it does not do."""
         kid = key_id(key) if key else None
-        found = await self.keys.lookup(kid)
-        if not found.enabled and self.mode == "auto":
+        try:
+            found = await self.keys.lookup(kid)
+        except StoreUnavailable as e:
+            return self._while_unreachable(key, e)
+        self._was_enabled = found.enabled or self.mode == "required"
+        if not self._was_enabled:
             return self.anonymous  # auth off: any key a client sends anyway (OpenAI clients always do) is ignored
         if key is None:
             raise Unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
         if found.key is None or found.tenant is None or not matches(key, found.key):
+            self._recent.pop(key_hash(key), None)
             raise Unauthorized("invalid API key (unknown, revoked or malformed)")
-        return self.caller(found.tenant, kid)
+        caller = self.caller(found.tenant, kid)
+        self._recent[key_hash(key)] = (caller, time.monotonic())
+        self._recent.move_to_end(key_hash(key))
+        if len(self._recent) > RECENT_KEYS:
+            self._recent.popitem(last=False)
+        return caller
+
+    def _while_unreachable(self, key: str | None, error: StoreUnavailable) -> Caller:
+        """The caller as last verified, while the store cannot answer (else the store's error: 503)."""
+        if self._was_enabled is False:
+            return self.anonymous
+        seen = self._recent.get(key_hash(key)) if key else None
+        if seen is not None and time.monotonic() - seen[1] < STALE_KEY_S:
+            return seen[0]
+        raise error
 
     async def create_key(self, tenant: str, *, admin: bool = False, label: str = "") -> tuple[str, KeyRecord,
                                                                                              TenantRecord]:

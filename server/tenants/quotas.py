@@ -1,21 +1,25 @@
 """Quota checks for one tenant, on counters shared through the store's backend (prefix_store/counters.py).
 
 The API layer calls these; they raise QuotaExceeded (HTTP 429 with Retry-After) or LimitExceeded (a 4xx naming
-the limit). Bucket keys use the tenant label, so the anonymous caller has its own buckets.
+the limit). Bucket keys use the tenant label, so the anonymous caller has its own buckets. While the counters'
+store cannot be reached (Redis down), rate and concurrency quotas are not counted (logged) rather than refuse
+the requests that cached tasks can still serve.
 """
 from __future__ import annotations
 
 import logging
 import math
 import secrets
+import time
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
-from prefix_store.base import StoreError
+from prefix_store.base import StoreError, StoreUnavailable
 from prefix_store.counters import Counters
 from server.tenants.namespaces import Caller
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 SLOT_TTL_S = 3600.0  # a concurrency slot whose replica died without freeing it expires after this
 
 
@@ -40,13 +44,24 @@ class Quotas:
 
     def __init__(self, counters: Counters):
         self.counters = counters
+        self._warned = 0.0
+
+    async def _counted(self, call: Awaitable[T], unreachable: T) -> T:
+        """A counter call; `unreachable` (let the request through) when the store cannot be reached."""
+        try:
+            return await call
+        except StoreUnavailable as e:
+            if time.monotonic() - self._warned > 10:
+                self._warned = time.monotonic()
+                logger.warning("quotas not counted while the store is unreachable: %s", e)
+            return unreachable
 
     async def admit(self, caller: Caller) -> None:
         """Count one request against requests_per_second (429 when the bucket is empty)."""
         rate = caller.limits.requests_per_second
         if rate <= 0:
             return
-        wait = await self.counters.take(f"rps:{caller.label}", rate, caller.limits.burst, 1)
+        wait = await self._counted(self.counters.take(f"rps:{caller.label}", rate, caller.limits.burst, 1), 0.0)
         if wait > 0:
             raise QuotaExceeded(f"tenant {caller.label!r}: over requests_per_second ({rate:g})", wait)
 
@@ -58,7 +73,7 @@ class Quotas:
             yield
             return
         key, member = f"conc:{caller.label}", secrets.token_hex(8)
-        if not await self.counters.enter(key, limit, member, SLOT_TTL_S):
+        if not await self._counted(self.counters.enter(key, limit, member, SLOT_TTL_S), True):
             raise QuotaExceeded(f"tenant {caller.label!r}: over concurrent_requests ({limit})", 1)
         try:
             yield
@@ -86,7 +101,7 @@ class Quotas:
         if tokens > tpm:
             raise LimitExceeded(f"prompt + max_new_tokens: {tokens} tokens, more than this tenant's "
                                 f"tokens_per_minute ({tpm}) allows in one request")
-        wait = await self.counters.take(f"tpm:{caller.label}", tpm / 60.0, tpm, tokens)
+        wait = await self._counted(self.counters.take(f"tpm:{caller.label}", tpm / 60.0, tpm, tokens), 0.0)
         if wait > 0:
             raise QuotaExceeded(f"tenant {caller.label!r}: over tokens_per_minute ({tpm})", wait)
         return tokens

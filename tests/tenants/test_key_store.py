@@ -96,3 +96,37 @@ async def test_disk_file_holds_hashes_only(tmp_path):
     saved = json.loads(path.read_text())
     assert key not in path.read_text() and saved["keys"][record.id]["hash"] == key_hash(key)
     assert saved["tenants"]["alice"]["admin"] is False
+
+
+async def test_store_outage_keeps_recent_keys_and_open_servers(redis_server):
+    """Redis down: keys verified within STALE_KEY_S still pass (nobody can revoke meanwhile), others get the
+    store's error (503), and a server whose store had no tenants stays open."""
+    from prefix_store.base import StoreUnavailable
+    from prefix_store.counters import open_counters
+    from server.tenants.namespaces import Caller
+    from server.tenants.quotas import Quotas
+
+    redis = redis_server()
+    with_keys, without = (open_store(f"{redis.url}?prefix={p}&timeout=0.5") for p in ("on", "off"))
+    try:
+        d, open_d = directory(with_keys), directory(without)
+        key, _, _ = await d.create_key("alice")
+        other, _, _ = await d.create_key("bob")
+        assert (await d.authenticate(key)).tenant == "alice" and (await open_d.authenticate(None)).tenant == ""
+        redis.kill()
+        assert (await d.authenticate(key)).tenant == "alice"
+        with pytest.raises(StoreUnavailable):
+            await d.authenticate(other)  # never verified by this replica
+        with pytest.raises(StoreUnavailable):
+            await d.authenticate(None)
+        assert (await open_d.authenticate(None)).tenant == ""
+        quotas = Quotas(open_counters(with_keys))  # rate and concurrency are not counted while unreachable
+        limited = Caller("alice", False, Limits(requests_per_second=0.001, concurrent_requests=1,
+                                                tokens_per_minute=10))
+        await quotas.admit(limited)
+        await quotas.admit(limited)
+        async with quotas.slot(limited):
+            assert await quotas.reserve_tokens(limited, 10) == 10
+    finally:
+        await with_keys.close()
+        await without.close()
