@@ -7,23 +7,29 @@ from __future__ import annotations
 from typing import Annotated, AsyncIterator
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from server.api.deps import StateDep
 from server.api.errors import APIError
 from server.tenants.namespaces import Caller
 
 
-def presented_key(request: Request) -> str | None:
-    """The key from `Authorization: Bearer KEY` or else `X-API-Key: KEY`; None when neither is sent."""
-    scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.headers.get("x-api-key", "").strip() or None
+BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (an API key from `prefixserve keys "
+                                                   "create` or POST /admin/keys)")
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same key in X-API-Key")
 
 
-async def authenticate(request: Request, state: StateDep) -> AsyncIterator[Caller]:
+def presented_key(bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> str | None:
+    """The key from `Authorization: Bearer KEY`, else from `X-API-Key: KEY`; None when neither is sent."""
+    key = (bearer.credentials if bearer else "").strip() or (api_key or "").strip()
+    return key or None
+
+
+async def authenticate(request: Request, state: StateDep,
+                       bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
+                       api_key: Annotated[str | None, Depends(API_KEY)] = None) -> AsyncIterator[Caller]:
     """The request's Caller, counted against its rate and holding a concurrency slot while the request runs."""
-    caller = await state.tenants.authenticate(presented_key(request))  # Unauthorized -> 401
+    caller = await state.tenants.authenticate(presented_key(bearer, api_key))  # Unauthorized -> 401
     request.state.caller = caller
     await state.quotas.admit(caller)
     async with state.quotas.slot(caller):
