@@ -39,7 +39,7 @@ class Cluster:
         headers = {"Authorization": f"Bearer {key}"}
         clients = self.a.client(headers=headers), self.b.client(headers=headers)
         for c in clients:
-            c.tenant = name
+            c.tenant, c.api_key = name, key
         return clients
 
 
@@ -183,3 +183,22 @@ def test_override_takes_effect_at_once(cluster):
         assert [(a, b)[i].get("/prefixes").status_code for i in range(2)] == [200, 429]
         tenants = {t["name"]: t for t in ops.get("/admin/tenants").json()["tenants"]}
         assert tenants[a.tenant]["limits"]["max_new_tokens"] == DEFAULT_MAX_NEW
+
+
+def test_python_client_with_a_key(cluster):
+    """The first-party client: api_key= authenticates; 401, 429 and the storage quota are typed errors."""
+    from prefixserve_client import AuthenticationError, Client, QuotaExceededError, RateLimitError, RetryPolicy
+
+    a, b = cluster.tenant(prefixes=1, requests_per_second=0.05)
+    with a, b, Client(cluster.b.url, api_key=a.api_key, retry=RetryPolicy(max_attempts=1)) as c:
+        assert c.upload("k1", native_files(cluster.base_model, 8)).task == "k1"
+        with pytest.raises(RateLimitError) as e:  # a burst of 1: the second request is over the rate
+            c.list()
+        assert e.value.retry_after and e.value.retry_after >= 1
+        with cluster.a.client(headers={"Authorization": f"Bearer {cluster.admin}"}) as ops:
+            ops.patch(f"/admin/tenants/{a.tenant}", json={"limits": {"requests_per_second": None}})
+        assert [p.task for p in c.list()] == ["base", "k1"]  # its own task and the shared one
+        with pytest.raises(QuotaExceededError, match="prefixes quota"):
+            c.upload("k2", native_files(cluster.base_model, 9))
+    with Client(cluster.a.url, retry=RetryPolicy(max_attempts=1)) as anonymous, pytest.raises(AuthenticationError):
+        anonymous.list()

@@ -24,6 +24,10 @@ class AuthenticationError(PrefixServeError):
     """401/403: missing or wrong API key."""
 
 
+class QuotaExceededError(PrefixServeError):
+    """403 quota_exceeded: an upload would pass the tenant's storage quota (number or bytes of prefixes)."""
+
+
 class NotFoundError(PrefixServeError):
     """404: unknown task, prefix or version."""
 
@@ -90,6 +94,8 @@ def error_from_body(status: int, body: Any, retry_after: float | None = None) ->
     elif isinstance(body, str) and body.strip():
         message = body.strip()[:500]
     cls = _BY_STATUS.get(status, ServerError if status >= 500 else PrefixServeError)
+    if status == 403 and error_type == "quota_exceeded":
+        cls = QuotaExceededError
     return cls(message, status, error_type, retry_after, body)
 
 
