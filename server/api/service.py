@@ -199,6 +199,7 @@ async def start_many(state: AppState, caller: Caller, jobs: list[Job], route: st
     except BaseException:
         for g in gens:
             g.handle.cancel()
+            await state.quotas.refund_tokens(caller, g.reserved)  # none of them will run
         raise
     return gens
 
