@@ -45,7 +45,8 @@ def build_state(settings: Settings) -> AppState:
                                          kv_cache_bytes=settings.kv_cache_bytes, eos_token_ids=eos,
                                          request_timeout_s=settings.request_timeout_s,
                                          prompt_token_weight=settings.scheduler_prompt_weight,
-                                         output_token_weight=settings.scheduler_output_weight))
+                                         output_token_weight=settings.scheduler_output_weight,
+                                         fair_scheduling=settings.scheduler == "fair"))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
     metrics = Metrics(engine, cache, settings.metrics_max_tenants)
     tasks = TaskRegistry(store, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),

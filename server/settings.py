@@ -60,6 +60,9 @@ class Settings(BaseSettings):
                                                         "(up to net.ipv4.tcp_wmem's maximum, often 4 MiB). Smaller "
                                                         "bounds the kernel memory a client that stops reading pins, "
                                                         "and notices it sooner")
+    scheduler: Literal["fair", "fifo"] = Field("fair", description="Who gets the next free batch row: 'fair' = the "
+                                                                   "tenant served fewest tokens (virtual token "
+                                                                   "counter), 'fifo' = first come first served")
     scheduler_prompt_weight: float = Field(1.0, ge=0, description="Fair scheduling between tenants: cost of a "
                                                                   "prompt token in a tenant's virtual token counter")
     scheduler_output_weight: float = Field(2.0, ge=0, description="... and of a generated token")

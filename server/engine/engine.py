@@ -40,6 +40,7 @@ class EngineConfig:
     request_timeout_s: float | None = None  # deadline of every request from submission (queued + generating)
     prompt_token_weight: float = 1.0  # fair scheduling: cost of a prompt token in a tenant's virtual counter
     output_token_weight: float = 2.0  # ... and of a generated token (VTC's defaults: output costs twice)
+    fair_scheduling: bool = True  # False: one FIFO queue whatever the tenant (a baseline)
 
 
 @dataclass
@@ -73,8 +74,8 @@ class Engine:
         self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
         self._outbox = Outbox()  # this step's events, delivered once per step
-        self._pending = FairQueue(self.config.prompt_token_weight,
-                                  self.config.output_token_weight)  # waiting requests, per tenant (scheduler.py)
+        self._pending = FairQueue(self.config.prompt_token_weight, self.config.output_token_weight,
+                                  fifo=not self.config.fair_scheduling)  # waiting requests (scheduler.py)
         self._next_sweep = 0.0  # when the queue is next searched for cancelled or expired requests
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None

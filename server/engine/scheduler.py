@@ -11,7 +11,8 @@ spent idle is not banked as credit to flood with later. Ties go to the request t
 Priorities are share weights, not classes: a tenant of weight 2 is charged half per token, so while both are
 backlogged it gets twice the tokens of a tenant of weight 1; nobody is starved. A tenant's weight comes with its
 requests (`Request.weight`, the latest one counts). The engine knows tenants only as strings ("" = anonymous, one
-tenant like any other); the queue is not thread-safe: the engine holds its lock.
+tenant like any other); the queue is not thread-safe: the engine holds its lock. With `fifo=True` every request
+counts as one tenant's: plain first in, first out (the baseline the fairness benchmark compares against).
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ MAX_IDLE_COUNTERS = 4096  # idle tenants' counters kept before those that would 
 class FairQueue:
     """Waiting requests, one FIFO per tenant, served by smallest virtual token counter (see the module docstring)."""
 
-    def __init__(self, prompt_weight: float = 1.0, output_weight: float = 2.0):
+    def __init__(self, prompt_weight: float = 1.0, output_weight: float = 2.0, fifo: bool = False):
         if prompt_weight < 0 or output_weight < 0 or prompt_weight + output_weight <= 0:
             raise ValueError("token weights must be >= 0 and not both 0")
-        self.prompt_weight, self.output_weight = prompt_weight, output_weight
+        self.prompt_weight, self.output_weight, self.fifo = prompt_weight, output_weight, fifo
         self._weights: dict[str, float] = {}  # share weights other than 1
         self._queues: dict[str, deque[tuple[int, RequestHandle]]] = {}  # backlogged tenants only
         self._counters: dict[str, float] = {}
@@ -56,7 +57,7 @@ class FairQueue:
 
     def push(self, handle: RequestHandle) -> None:
         """Queue a request behind its tenant's earlier ones; lift a newly backlogged tenant's counter."""
-        tenant, weight = handle.request.tenant, handle.request.weight
+        tenant, weight = self._tenant(handle), handle.request.weight
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         if weight != 1.0:
@@ -85,7 +86,7 @@ class FairQueue:
         handle = self.peek()
         if handle is None:
             raise IndexError("pop from an empty FairQueue")
-        tenant = handle.request.tenant
+        tenant = self._tenant(handle)
         self._take(tenant)
         if charge:
             self.charge(tenant, prompt_tokens=len(handle.request.prompt_ids))
@@ -94,6 +95,8 @@ class FairQueue:
 
     def charge(self, tenant: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
         """Add served tokens to a tenant's counter (weighted, divided by the tenant's share weight)."""
+        if self.fifo:
+            return
         cost = prompt_tokens * self.prompt_weight + output_tokens * self.output_weight
         self._counters[tenant] = self._counters.get(tenant, 0.0) + cost / self._weights.get(tenant, 1.0)
 
@@ -114,6 +117,9 @@ class FairQueue:
     def drain(self) -> list[RequestHandle]:
         """Take out every waiting request (uncharged), in arrival order."""
         return self.remove_if(lambda _: True)
+
+    def _tenant(self, handle: RequestHandle) -> str:
+        return "" if self.fifo else handle.request.tenant
 
     def _take(self, tenant: str) -> None:
         q = self._queues[tenant]

@@ -124,20 +124,22 @@ def _first_token_steps(engine: Engine, handles: list[RequestHandle], steps: int)
     return first
 
 
-@pytest.mark.parametrize("fair", [True, False])
-def test_light_tenant_is_not_starved_by_a_flood(loaded, fair):
+@pytest.mark.parametrize("mode", ["fair", "one tenant", "fifo"])
+def test_light_tenant_is_not_starved_by_a_flood(loaded, mode):
     """A submits 40 requests, then B submits 4: B's start among the next few admissions, not after A's backlog.
 
-    With one tenant name for both (fair=False) the queue is plain FIFO and B waits for all of A: the control.
+    Controls: with one tenant name for both, or with fair scheduling off, the queue is plain FIFO and B waits for
+    all of A.
     """
-    engine = Engine(loaded, EngineConfig(max_batch_size=2))
+    engine = Engine(loaded, EngineConfig(max_batch_size=2, fair_scheduling=mode != "fifo"))
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     flood = [engine.submit([11, 12, 13, 14], params, tenant="A", loop=None) for _ in range(40)]
     assert len(_first_token_steps(engine, flood, steps=1)) == 2  # A has run and is backlogged
-    light = [engine.submit([21, 22, 23, 24], params, tenant="B" if fair else "A", loop=None) for _ in range(4)]
+    light = [engine.submit([21, 22, 23, 24], params, tenant="A" if mode == "one tenant" else "B", loop=None)
+             for _ in range(4)]
     assert len(_first_token_steps(engine, light, steps=200)) == 4
     started_a = sum(1 for h in flood if h.events)  # A's requests that got a row before B's last one did
-    if fair:
+    if mode == "fair":
         assert started_a <= 8, started_a  # 2 started before B came, then B's and A's alternate
         assert engine.queue_depths() == {"A": engine.queue_depth} and engine.queue_depth >= 30
     else:
