@@ -100,6 +100,8 @@ def bench(loaded: LoadedModel, args, tmp: Path) -> dict:
         "engine_mixed_li_liang": lambda: run_engine(engine, jobs, li_prefixes, new),
         "engine_one_task_li_liang": lambda: run_engine(engine, one_task, li_prefixes, new),
     }
+    if not args.quick:
+        scenarios["peft_one_at_a_time"] = lambda: peft_seq2seq(peft, jobs, new, batch_per_task=False)
     out: dict = {"model": loaded.name, "params": sum(p.numel() for p in loaded.model.parameters())}
     # round robin, best of `repeats` each: on a shared machine, every side sees the same spread of load
     for _ in range(args.repeats):
@@ -108,8 +110,6 @@ def bench(loaded: LoadedModel, args, tmp: Path) -> dict:
             if name not in out or r["wall_s"] < out[name]["wall_s"]:
                 out[name] = r
     engine.stop()
-    if not args.quick:
-        out["peft_one_at_a_time"] = peft_seq2seq(peft, jobs, new, batch_per_task=False)
     out["engine_equals_peft_rows"] = sum(a == b for a, b in zip(out["engine_mixed"]["ids"],
                                                                 out["peft_per_task"]["ids"]))
     for r in out.values():
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip (iv) PEFT one at a time")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default="bench/out")
