@@ -43,6 +43,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_until_closed(s: socket.socket, timeout: float | None = None) -> bytes:
+    """Everything a raw socket receives until the server closes it (or stops sending for the socket's timeout,
+    replaced by `timeout` when given)."""
+    if timeout is not None:
+        s.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except OSError:
+        pass
+    return out
+
+
 def start_server(model_dir: Path, workdir: Path, port: int | None = None, **settings) -> Server:
     """Run `prefixserve serve` (on `port`, default a free one) and wait for /ready (raises with the log on failure)."""
     port = port or free_port()

@@ -13,7 +13,7 @@ import pytest
 
 from server.api.errors import APIError
 from server.api.limits import check_text, json_depth
-from tests.api.conftest import Server, start_server, stop_server
+from tests.api.conftest import Server, read_until_closed, start_server, stop_server
 from tests.api.test_errors import _err
 
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 3}}
@@ -28,16 +28,6 @@ def _raw(server: Server, request: bytes, wait: float = 10, rcvbuf: int | None = 
     s.connect((host, int(port)))
     s.sendall(request)
     return s
-
-
-def _read_all(s: socket.socket) -> bytes:
-    out = b""
-    try:
-        while chunk := s.recv(65536):
-            out += chunk
-    except OSError:
-        pass
-    return out
 
 
 def _metric(server: Server, name: str) -> float:
@@ -71,7 +61,7 @@ def test_body_over_the_limit_refused_from_content_length_without_reading(server)
             b"Content-Length: 1073741824\r\n\r\n{")
     t0 = time.monotonic()
     with _raw(server, head) as s:
-        reply = _read_all(s)
+        reply = read_until_closed(s)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b"too_large" in reply and b"max-body-bytes" in reply and time.monotonic() - t0 < 5
 
@@ -84,13 +74,13 @@ def test_chunked_body_over_the_limit_cut_off(server):
                 s.sendall(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
         except OSError:
             pass  # the server answered and closed before we were done
-        reply = _read_all(s)
+        reply = read_until_closed(s)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
 
 
 def test_bad_content_length_400(server):
     with _raw(server, b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n") as s:
-        assert _read_all(s)[:12] in (b"HTTP/1.1 400",)
+        assert read_until_closed(s)[:12] in (b"HTTP/1.1 400",)
 
 
 def test_deep_json_422_before_parsing(http):
@@ -140,7 +130,7 @@ def test_odd_header_bytes_are_not_500(server):
     req = (b"POST /generate HTTP/1.1\r\nHost: x\r\nX-API-Key: \xff\xfe\x80\r\nAuthorization: Bearer \xc3\x28\r\n"
            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     with _raw(server, req) as s:
-        reply = _read_all(s)
+        reply = read_until_closed(s)
     assert reply[:10] == b"HTTP/1.1 2" or reply[:10] == b"HTTP/1.1 4", reply[:200]
 
 
@@ -159,13 +149,13 @@ def test_trickled_body_408(strict):
     t0 = time.monotonic()
     req = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"in"
     with _raw(strict, req) as s:
-        reply = _read_all(s)
+        reply = read_until_closed(s)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b'"timeout"' in reply and time.monotonic() - t0 < 5
     up = (b"PUT /prefixes/slow HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
           b"Content-Length: 5000\r\n\r\n--B\r\n")
     with _raw(strict, up) as s:
-        reply = _read_all(s)
+        reply = read_until_closed(s)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert httpx.get(f"{strict.url}/prefixes/slow").status_code == 404
 
@@ -195,7 +185,7 @@ def test_client_that_stops_reading_is_cut_off_and_its_rows_freed(strict):
         assert generated < 8 * 480  # cut off, not run to the end
         assert _metric(strict, "prefixserve_batch_size") == 0
         s.settimeout(5)
-        received = _read_all(s)  # what the buffers held, then the server's close: no [DONE]
+        received = read_until_closed(s)  # what the buffers held, then the server's close: no [DONE]
     assert received.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in received
     assert "client read nothing" in strict.log.read_text()
 

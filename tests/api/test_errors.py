@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from tests.api.conftest import peft_adapter, start_server, stop_server, upload
+from tests.api.conftest import peft_adapter, read_until_closed, start_server, stop_server, upload
 
 
 def _err(r: httpx.Response, status: int, *words: str) -> dict:
@@ -108,18 +108,6 @@ def test_malformed_multipart(http):
     _err(http.put("/prefixes/mp", data={"other": "x"}, files=[("files", ("a.json", b"{}"))]), 422, "other")
 
 
-def _read_rest(s: socket.socket) -> bytes:
-    """Read until the server closes (or stops sending for 2 s)."""
-    s.settimeout(2)
-    out = b""
-    try:
-        while chunk := s.recv(65536):
-            out += chunk
-    except OSError:
-        pass
-    return out
-
-
 def _raw_put(server, head: bytes, chunks, wait: float = 10) -> bytes:
     """Send a raw PUT and read the response as soon as the server answers (it may not read the whole body)."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -135,13 +123,13 @@ def _raw_put(server, head: bytes, chunks, wait: float = 10) -> bytes:
                 data = s.recv(65536)
                 if data:
                     s.setblocking(True)
-                    return data + _read_rest(s)
+                    return data + read_until_closed(s, timeout=2)
             except BlockingIOError:
                 pass
             finally:
                 s.setblocking(True)
         s.settimeout(wait)
-        return s.recv(65536) + _read_rest(s)
+        return s.recv(65536) + read_until_closed(s, timeout=2)
 
 
 def test_one_gigabyte_upload_refused_before_reading(server):
