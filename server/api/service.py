@@ -176,7 +176,8 @@ async def start(state: AppState, caller: Caller, task: str | None, prompt_ids: l
     name = task.partition("@")[0] if task else None  # metrics and engine tags by name, not by version
     try:
         prefix = await acquire_prefix(state, caller, task)
-        handle = state.engine.submit(prompt_ids, params, prefix, tag=name or "", tenant=caller.tenant)
+        handle = state.engine.submit(prompt_ids, params, prefix, tag=name or "", tenant=caller.tenant,
+                                     weight=caller.limits.weight)
     except BaseException as e:
         if prefix is not None:
             prefix.release()

@@ -123,6 +123,7 @@ def register(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--limit", type=_limit, action="append", metavar="NAME=VALUE",
-                   help=f"override a limit (0 = unlimited, empty = back to the default): {', '.join(LIMIT_NAMES)}")
+                   help=f"override a limit (0 = unlimited; weight: the fair-scheduling share, > 0, default 1; "
+                        f"empty = back to the default): {', '.join(LIMIT_NAMES)}")
     store_arg(p)
     p.set_defaults(func=cmd_tenants_set)
