@@ -5,10 +5,12 @@ Tenant labels are bounded: the first `max_tenants` tenants seen are named, later
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.tenants.namespaces import ANONYMOUS_LABEL
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -25,12 +27,14 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 class _EngineCollector:
     """Reads the engine's and the prefix cache's live values at scrape time."""
 
-    def __init__(self, engine: Engine, cache: PrefixCache):
-        self.engine, self.cache = engine, cache
+    def __init__(self, engine: Engine, cache: PrefixCache, tenant_label: Callable[[str], str]):
+        self.engine, self.cache, self.tenant_label = engine, cache, tenant_label
+        self._queued: set[str] = set()  # tenant labels shown before: they stay, at 0 when nothing waits
 
     def collect(self) -> Iterator:
         e, c = self.engine, self.cache
         yield GaugeMetricFamily("prefixserve_queue_depth", "Requests waiting for a batch row", value=e.queue_depth)
+        yield self._tenant_queue_depths()
         yield GaugeMetricFamily("prefixserve_batch_size", "Rows in the running batch", value=e.batch_size)
         for f in fields(e.stats):  # every numeric engine counter (steps, tokens, seconds in forwards, ...)
             value = getattr(e.stats, f.name)
@@ -47,6 +51,22 @@ class _EngineCollector:
         yield GaugeMetricFamily("prefixserve_prefix_cache_bytes", "Device bytes of resident prefixes",
                                 value=c.bytes_used)
         yield GaugeMetricFamily("prefixserve_prefix_cache_entries", "Resident prefixes", value=len(c))
+
+    def _tenant_queue_depths(self) -> GaugeMetricFamily:
+        """Waiting requests per tenant label (bounded like every tenant label; past the bound summed as ':other').
+        Empty with --scheduler fifo, whose single queue does not keep tenants apart."""
+        family = GaugeMetricFamily("prefixserve_tenant_queue_depth", "Requests waiting for a batch row, per tenant",
+                                   labels=["tenant"])
+        if not self.engine.config.fair_scheduling:
+            return family
+        depths = dict.fromkeys(self._queued, 0)
+        for tenant, n in self.engine.queue_depths().items():
+            label = self.tenant_label(tenant or ANONYMOUS_LABEL)  # the engine's "" is the anonymous caller
+            depths[label] = depths.get(label, 0) + n
+        self._queued.update(depths)
+        for label, n in sorted(depths.items()):
+            family.add_metric([label], n)
+        return family
 
 
 class _TierCollector:
@@ -100,7 +120,7 @@ class Metrics:
         self.prefix_load = Histogram("prefixserve_prefix_cold_load_seconds", "Device-cache miss to a prefix on "
                                      "the device, by the tier it came from (host or store)", ["tier"],
                                      buckets=_LOAD_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine, cache))
+        r.register(_EngineCollector(engine, cache, self.tenant))
 
     def add_tiers(self, tasks: TaskRegistry) -> None:
         """Export the host tier's and the task map's counters."""
