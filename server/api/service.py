@@ -213,9 +213,17 @@ async def until_disconnect(request: Request) -> None:
             return
 
 
+def _retrieved(fut: asyncio.Future) -> None:
+    """Mark a future's outcome as seen. A cancelled gather finishes with its children's CancelledError set as an
+    exception (not as cancelled), which asyncio would log as 'exception was never retrieved' once collected."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def run_or_cancel(request: Request, gens: list[Generation]) -> list[Generation]:
     """Run generations to the end; if the client goes away first, cancel them so their rows are freed."""
-    work = asyncio.ensure_future(asyncio.gather(*(g.run() for g in gens)))
+    work = asyncio.gather(*(g.run() for g in gens))
+    work.add_done_callback(_retrieved)  # when cancelled below, nobody awaits it
     watch = asyncio.ensure_future(until_disconnect(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
