@@ -46,7 +46,8 @@ def build_state(settings: Settings) -> AppState:
                                          request_timeout_s=settings.request_timeout_s,
                                          prompt_token_weight=settings.scheduler_prompt_weight,
                                          output_token_weight=settings.scheduler_output_weight,
-                                         fair_scheduling=settings.scheduler == "fair"))
+                                         fair_scheduling=settings.scheduler == "fair",
+                                         packed_weights=settings.packed_weights))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
     metrics = Metrics(engine, cache, settings.metrics_max_tenants)
     tasks = TaskRegistry(store, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),

@@ -41,6 +41,7 @@ class EngineConfig:
     prompt_token_weight: float = 1.0  # fair scheduling: cost of a prompt token in a tenant's virtual counter
     output_token_weight: float = 2.0  # ... and of a generated token (VTC's defaults: output costs twice)
     fair_scheduling: bool = True  # False: one FIFO queue whatever the tenant (a baseline)
+    packed_weights: str = "auto"  # CPU fp32: run a copy of the model with prepacked weights (packed.py); on | off
 
 
 @dataclass

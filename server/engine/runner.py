@@ -14,6 +14,7 @@ import torch
 
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model import LoadedModel
+from server.engine.packed import serving_model
 from server.engine.prefix_cache import DevicePrefix
 
 if TYPE_CHECKING:
@@ -76,8 +77,10 @@ class CausalRunner:
     """Decoder-only models: the prompt is prefilled into the row's cache after its prefix, then decoded."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
-        self.loaded, self.model, self.spec, self.device = loaded, loaded.model, loaded.spec, loaded.device
+        self.loaded, self.spec, self.device = loaded, loaded.spec, loaded.device
         self.config, self.max_seq_len = config, max_seq_len
+        # the module tree forwards run on: the model, or its copy with prepacked weights (packed.py)
+        self.model = serving_model(loaded.model, loaded.device, loaded.dtype, config.packed_weights)
         self.cache = SlotKVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.device,
                                  loaded.dtype, max_rows=config.max_batch_size, max_len=max_seq_len + 1)
         self.body, self.head = self._split_head()

@@ -1,0 +1,99 @@
+"""Prepacked weight matrices for fp32 inference on CPU (oneDNN's blocked layout), in a serving copy of the model.
+
+A decode step multiplies every weight matrix by a few rows. The plain CPU GEMM re-packs the weight matrix into its
+blocked panel layout on every call, which at 1-64 rows costs about as much as the multiplication itself; oneDNN
+can take the weight already packed (`torch.ops.mkldnn._reorder_linear_weight`, the layout torch.compile's CPU
+freezing and vLLM's CPU backend use), which makes a decode step's matrix work ~1.5x faster on this project's
+machines (docs/benchmarks.md).
+
+The packed matrices live in a *serving copy* of the model: the module tree is copied with every parameter shared
+(no weight is duplicated except into its packed form), and each `nn.Linear` / GPT-2 `Conv1D` of the copy is
+replaced by a `PackedLinear`. The loaded model itself is left as it was, so everything else that runs it (PEFT in
+the tests and benchmarks, prompt-tuning conversion, the trainer) computes exactly what Hugging Face computes.
+
+Numerics: the packed kernel accumulates in another order than the plain GEMM, so results differ from it in the
+last bits (relative ~1e-6 in fp32), as the plain GEMM's already differ between batch sizes. The packed kernel's
+rows do not depend on how many rows are multiplied together, as long as there are at least two: a single row is
+padded to two, so a row computes the same bits alone or in any batch. Greedy equality with HF PEFT generate is
+token for token, as the exactness tests check with packing on (the default).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PACK_BATCH_HINT = 32  # rows oneDNN tunes the packed layout for (any row count works)
+
+
+def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when oneDNN's prepacked fp32 linear can be used: CPU, fp32, a torch build with mkldnn."""
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W [out, in] held in oneDNN's packed layout (inference only, no autograd)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [rows, in]
+        rows = x2.shape[0]
+        if rows == 1:  # one row would take oneDNN's matrix-vector path, whose bits differ from the batched one
+            x2 = x2.expand(2, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, self.bias, "none", [], "")
+        return y[:rows].view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed (oneDNN)"
+
+
+def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [out, in], bias) of a module that computes x W^T + b, or None."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2: x W + b, W [in, out]
+        return module.weight.t(), module.bias
+    return None
+
+
+def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of `model` sharing every parameter and buffer, its linear layers replaced by `PackedLinear`s;
+    returns (copy, number of layers packed). The model itself is not changed."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    packed = 0
+    for parent in list(clone.modules()):
+        for name, child in list(parent.named_children()):
+            wb = _as_linear(child)
+            if wb is not None and wb[0].dtype == torch.float32 and wb[0].device.type == "cpu":
+                setattr(parent, name, PackedLinear(*wb))
+                packed += 1
+    return clone, packed
+
+
+def serving_model(model: nn.Module, device: torch.device, dtype: torch.dtype, mode: str = "auto") -> nn.Module:
+    """The module the engine runs: `model` itself, or its packed copy (mode 'auto': when packing is available;
+    'on': required; 'off': never)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"packed weights: expected auto, on or off, got {mode!r}")
+    if mode == "off" or (mode == "auto" and not packing_available(device, dtype)):
+        return model
+    if not packing_available(device, dtype):
+        raise ValueError(f"packed weights need fp32 on a CPU with oneDNN (model: {dtype} on {device})")
+    clone, n = packed_copy(model)
+    extra = sum(m.packed.numel() * m.packed.element_size() for m in clone.modules() if isinstance(m, PackedLinear))
+    logger.info("packed %d weight matrices for CPU decoding (+%.0f MiB)", n, extra / 2**20)
+    return clone
