@@ -1,9 +1,10 @@
 """What the routes depend on: the app's state (model, engine, caches, store, task registry), as named types."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Coroutine
 
 from fastapi import Depends, Request
 
@@ -32,6 +33,15 @@ class AppState:
     tasks: TaskRegistry
     tenants: TenantDirectory
     quotas: Quotas
+    background: set[asyncio.Task] = field(default_factory=set)  # work that outlives its request (see spawn)
+
+    def spawn(self, work: Coroutine) -> asyncio.Task:
+        """Run `work` as a task kept until it ends, whatever becomes of the request that started it (booking a
+        generation whose client went away)."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     @property
     def model_id(self) -> str:

@@ -14,7 +14,7 @@ from server.api.errors import error_body, to_api_error, validation
 from server.api.logprobs import tgi_top_tokens
 from server.api.schemas import (Details, GenerateRequest, GenerateResponse, InputToken, Parameters, StreamDetails,
                                 StreamResponse, Token, tgi_params)
-from server.api.service import Generation, encode, run_or_cancel, start
+from server.api.service import Generation, Started, StartedDep, encode, run_or_cancel, start
 from server.tenants.namespaces import Caller
 
 logger = logging.getLogger(__name__)
@@ -36,12 +36,12 @@ def pick_task(query_task: str | None, adapter_id: str | None) -> str | None:
     return query_task or adapter_id or None
 
 
-async def _start(state: AppState, caller: Caller, body: GenerateRequest, query_task: str | None,
+async def _start(state: AppState, caller: Caller, started: Started, body: GenerateRequest, query_task: str | None,
                  route: str) -> Generation:
     p = body.parameters or Parameters()
     params, stops = tgi_params(p, state.settings.max_new_tokens_default)
     ids = encode(state, body.inputs, truncate=p.truncate)
-    return await start(state, caller, pick_task(query_task, p.adapter_id), ids, params, stops, route)
+    return await start(state, caller, started, pick_task(query_task, p.adapter_id), ids, params, stops, route)
 
 
 def _details(gen: Generation, p: Parameters) -> Details:
@@ -66,9 +66,9 @@ def _response(gen: Generation, body: GenerateRequest) -> dict[str, Any]:
     return out
 
 
-async def _generate_json(state: AppState, caller: Caller, body: GenerateRequest, request: Request,
+async def _generate_json(state: AppState, caller: Caller, started: Started, body: GenerateRequest, request: Request,
                          task: str | None, route: str, as_list: bool) -> JSONResponse:
-    gen = await _start(state, caller, body, task, route)
+    gen = await _start(state, caller, started, body, task, route)
     await run_or_cancel(request, [gen])
     out = _response(gen, body)
     return JSONResponse([out] if as_list else out, headers=version_headers(gen.version))
@@ -106,24 +106,24 @@ def stream_response(events: AsyncIterator[bytes], version: str | None) -> Stream
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
 async def generate(body: GenerateRequest, request: Request, state: StateDep, caller: CallerDep,
-                   task: TaskQuery = None) -> JSONResponse:
+                   started: StartedDep, task: TaskQuery = None) -> JSONResponse:
     """Generate text for `inputs` with the task's prefix (TGI's /generate)."""
-    return await _generate_json(state, caller, body, request, task, "generate", as_list=False)
+    return await _generate_json(state, caller, started, body, request, task, "generate", as_list=False)
 
 
 @router.post("/generate_stream", response_class=StreamingResponse)
-async def generate_stream(body: GenerateRequest, state: StateDep, caller: CallerDep,
+async def generate_stream(body: GenerateRequest, state: StateDep, caller: CallerDep, started: StartedDep,
                           task: TaskQuery = None) -> StreamingResponse:
     """Generate text as server-sent events, one per token; the last carries generated_text and details."""
-    gen = await _start(state, caller, body, task, "generate_stream")
+    gen = await _start(state, caller, started, body, task, "generate_stream")
     return stream_response(_tgi_events(gen, body), gen.version)
 
 
 @router.post("/")
 async def compat(body: GenerateRequest, request: Request, state: StateDep, caller: CallerDep,
-                 task: TaskQuery = None):
+                 started: StartedDep, task: TaskQuery = None):
     """TGI's compatibility route used by the text-generation and lorax-client packages (JSON list or SSE)."""
     if body.stream:
-        gen = await _start(state, caller, body, task, "compat_stream")
+        gen = await _start(state, caller, started, body, task, "compat_stream")
         return stream_response(_tgi_events(gen, body), gen.version)
-    return await _generate_json(state, caller, body, request, task, "compat", as_list=True)
+    return await _generate_json(state, caller, started, body, request, task, "compat", as_list=True)

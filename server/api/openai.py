@@ -18,7 +18,7 @@ from server.api.generate import stream_response
 from server.api.limits import check_text
 from server.api.logprobs import chat_logprobs, chat_top, completion_logprobs, completion_top
 from server.api.schemas import Lenient, check_stops, sampling_params
-from server.api.service import Generation, TokenOut, encode, run_or_cancel, start_many, visible_tasks
+from server.api.service import Generation, StartedDep, TokenOut, encode, run_or_cancel, start_many, visible_tasks
 from server.engine.sampling import SamplingParams
 from server.tenants.namespaces import split_stored
 
@@ -180,7 +180,8 @@ async def _openai_stream(gens: list[Generation], head: dict[str, Any], choice, u
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, state: StateDep, caller: CallerDep):
+async def completions(body: CompletionRequest, request: Request, state: StateDep, caller: CallerDep,
+                      started: StartedDep):
     """OpenAI completions: `model` is the task; `prompt` a string or a list; n, stop, seed, stream."""
     if body.suffix:
         raise validation("suffix: not supported by this server")
@@ -189,7 +190,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     prompts = _prompts(state, body.prompt)
     task = _task(state, body.model)
     jobs = [(task, ids, sp, stops) for ids in prompts for sp in params]
-    gens = await start_many(state, caller, jobs, "v1_completions")
+    gens = await start_many(state, caller, started, jobs, "v1_completions")
     echo = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in params]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
@@ -236,12 +237,14 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request, state: StateDep, caller: CallerDep):
+async def chat_completions(body: ChatRequest, request: Request, state: StateDep, caller: CallerDep,
+                           started: StartedDep):
     """OpenAI chat completions for models with a chat template; `model` is the task."""
     top = chat_top(body.logprobs, body.top_logprobs)
     params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens, top)
     ids = _chat_prompt(state, body.messages)
-    gens = await start_many(state, caller, [(_task(state, body.model), ids, sp, stops) for sp in params], "v1_chat")
+    jobs = [(_task(state, body.model), ids, sp, stops) for sp in params]
+    gens = await start_many(state, caller, started, jobs, "v1_chat")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
     if body.stream:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from prefix_store.artifact import Manifest
 from prefix_store.base import PrefixNotFound, VersionNotFound
@@ -22,6 +22,7 @@ from server.tenants.namespaces import Caller, candidates, public_name, split_ref
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("prefixserve.requests")  # one line per finished generation, with its tenant
+RETIRED_POLL_S = 0.05  # how often an abandoned request is checked for its end (the engine retires it next step)
 
 
 async def acquire_prefix(state: AppState, caller: Caller, task: str | None) -> DevicePrefix | None:
@@ -75,7 +76,12 @@ class TokenOut:
 
 @dataclass
 class Generation:
-    """One submitted request followed as text; iterate `tokens()`, then read `text`, `finish_reason`, `result`."""
+    """One submitted request followed as text; iterate `tokens()`, then read `text`, `finish_reason`, `result`.
+
+    However it ends (its tokens all read, the reader gone mid-way, never read at all), it is booked exactly once:
+    metrics, the log line, and the tokens_per_minute reservation it did not use given back (`abandon()` for the
+    endings where nobody reads it to the end).
+    """
 
     state: AppState
     handle: RequestHandle
@@ -90,6 +96,7 @@ class Generation:
     emitted: list[TokenOut] = field(default_factory=list)
     result: GenerationResult | None = None
     finish_reason: str = ""
+    booking: asyncio.Task | None = field(default=None, init=False)  # set once: the request is (being) booked
 
     def __post_init__(self) -> None:
         self.decoder = IncrementalDecoder(self.state.tokenizer)
@@ -126,18 +133,11 @@ class Generation:
                 yield tok
                 if tok.last:
                     break
-            self.result = await self.handle.result()
-        finally:
-            if self.result is None:  # the consumer went away (client disconnect): free the row now
-                self.handle.cancel()
-        r = self.result
-        self.state.metrics.observe(self.task, self.caller.label, self.route, self.finish_reason or r.finish_reason,
-                                   r.prompt_tokens, len(self.emitted), r.submitted_at, r.first_token_at,
-                                   r.finished_at)
-        await self.state.quotas.refund_tokens(self.caller, self.reserved - r.prompt_tokens - len(self.emitted))
-        request_log.info("tenant=%s task=%s route=%s finish=%s prompt_tokens=%d generated=%d seconds=%.3f",
-                         self.caller.label, self.task or "-", self.route, self.finish_reason or r.finish_reason,
-                         r.prompt_tokens, len(self.emitted), r.finished_at - r.submitted_at)
+            r = self.result = await self.handle.result()
+        except BaseException:  # the reader went away (client disconnect, cancelled): free the row, book it later
+            self.abandon()
+            raise
+        await asyncio.shield(self._book(r))  # booked even if this reader is cancelled meanwhile
         if not self.finish_reason:
             self._settle(r.finish_reason)
             if r.finish_reason == "error":
@@ -149,6 +149,37 @@ class Generation:
                 raise APIError(504, f"generation did not finish within the request timeout "
                                     f"({self.handle.request.timeout_s:g} s; {len(self.emitted)} tokens generated)",
                                "timeout")
+
+    def abandon(self) -> None:
+        """Nobody will read this request to its end: cancel it (its row is freed at the engine's next step) and
+        book it once the engine has retired it. Does nothing to a request already booked."""
+        if self.booking is None:
+            self.handle.cancel()
+            self._book(None)
+
+    def _book(self, result: GenerationResult | None) -> asyncio.Task:
+        """The task booking this request (started on the first call): with `result`, or once the engine has one."""
+        if self.booking is None:
+            self.booking = self.state.spawn(self._booked(result))
+        return self.booking
+
+    async def _booked(self, r: GenerationResult | None) -> None:
+        """Metrics, the log line and the refund: the reservation less the prompt and the tokens generated (all of
+        it for a request that ended before its first token: the tenant got nothing)."""
+        while r is None:
+            if self.handle.done:  # polled, not awaited on the handle's queue: a reader may still hold that
+                r = await self.handle.result()
+            else:
+                await asyncio.sleep(RETIRED_POLL_S)
+        generated = len(r.token_ids)
+        used = r.prompt_tokens + generated if generated else 0
+        reason = self.finish_reason or r.finish_reason
+        self.state.metrics.observe(self.task, self.caller.label, self.route, reason, r.prompt_tokens, generated,
+                                   r.submitted_at, r.first_token_at, r.finished_at)
+        request_log.info("tenant=%s task=%s route=%s finish=%s prompt_tokens=%d generated=%d seconds=%.3f",
+                         self.caller.label, self.task or "-", self.route, reason, r.prompt_tokens, generated,
+                         r.finished_at - r.submitted_at)
+        await self.state.quotas.refund_tokens(self.caller, self.reserved - used)
 
     def _settle(self, reason: str) -> None:
         """Fix the finish reason and flush the text still held back into the last token's `visible`."""
@@ -166,10 +197,35 @@ class Generation:
         return self
 
 
-async def start(state: AppState, caller: Caller, task: str | None, prompt_ids: list[int], params: SamplingParams,
-                stops: list[str], route: str) -> Generation:
+class Started:
+    """The generations one HTTP request started. Once the request is over (its response sent, or given up), any
+    still going or never read (a stream whose client left before it began) are abandoned: cancelled and booked."""
+
+    def __init__(self) -> None:
+        self.generations: list[Generation] = []
+
+    def abandon(self) -> None:
+        """Abandon every generation not booked yet."""
+        for g in self.generations:
+            g.abandon()
+
+
+async def started_generations() -> AsyncIterator[Started]:
+    """The request's Started; FastAPI runs the part after `yield` when the response is over, however it ended."""
+    started = Started()
+    try:
+        yield started
+    finally:
+        started.abandon()
+
+
+StartedDep = Annotated[Started, Depends(started_generations)]
+
+
+async def start(state: AppState, caller: Caller, started: Started, task: str | None, prompt_ids: list[int],
+                params: SamplingParams, stops: list[str], route: str) -> Generation:
     """Check the caller's limits, reserve its tokens, acquire the task's prefix and submit; on any refusal the
-    prefix is released, the tokens given back and the error raised."""
+    prefix is released, the tokens given back and the error raised. The generation joins `started`."""
     state.quotas.check_lengths(caller, len(prompt_ids), params.max_new_tokens)
     reserved = await state.quotas.reserve_tokens(caller, len(prompt_ids) + params.max_new_tokens)
     prefix = None
@@ -185,22 +241,24 @@ async def start(state: AppState, caller: Caller, task: str | None, prompt_ids: l
         if isinstance(e, ValueError):
             raise validation(str(e)) from None
         raise
-    return Generation(state, handle, name, route, prefix.version if prefix else None, stops, caller, reserved)
+    gen = Generation(state, handle, name, route, prefix.version if prefix else None, stops, caller, reserved)
+    started.generations.append(gen)
+    return gen
 
 
 Job = tuple[str | None, list[int], SamplingParams, list[str]]  # task, prompt ids, sampling, stop strings
 
 
-async def start_many(state: AppState, caller: Caller, jobs: list[Job], route: str) -> list[Generation]:
-    """Submit several requests all or nothing: if one is refused, the ones already queued are cancelled."""
+async def start_many(state: AppState, caller: Caller, started: Started, jobs: list[Job],
+                     route: str) -> list[Generation]:
+    """Submit several requests all or nothing: if one is refused, the ones already queued are abandoned."""
     gens: list[Generation] = []
     try:
         for task, ids, params, stops in jobs:
-            gens.append(await start(state, caller, task, ids, params, stops, route))
+            gens.append(await start(state, caller, started, task, ids, params, stops, route))
     except BaseException:
         for g in gens:
-            g.handle.cancel()
-            await state.quotas.refund_tokens(caller, g.reserved)  # none of them will run
+            g.abandon()
         raise
     return gens
 
@@ -221,7 +279,8 @@ def _retrieved(fut: asyncio.Future) -> None:
 
 
 async def run_or_cancel(request: Request, gens: list[Generation]) -> list[Generation]:
-    """Run generations to the end; if the client goes away first, cancel them so their rows are freed."""
+    """Run generations to the end; if the client goes away first (or one fails), abandon the others so their rows
+    are freed."""
     work = asyncio.gather(*(g.run() for g in gens))
     work.add_done_callback(_retrieved)  # when cancelled below, nobody awaits it
     watch = asyncio.ensure_future(until_disconnect(request))
@@ -229,9 +288,12 @@ async def run_or_cancel(request: Request, gens: list[Generation]) -> list[Genera
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-    if not work.done():
-        for g in gens:
-            g.handle.cancel()
-        work.cancel()
+        gone = not work.done()  # the client left (or this request is being cancelled)
+        if gone or work.exception() is not None:
+            for g in gens:
+                g.abandon()
+        if gone:
+            work.cancel()
+    if gone:
         raise APIError(499, "client disconnected", "cancelled")
     return work.result()

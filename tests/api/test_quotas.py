@@ -3,6 +3,7 @@ in Redis (429 + Retry-After whichever replica is asked), size limits are 4xx nam
 refuse an upload and leave the store as it was, an admin's override takes effect at once."""
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Iterator
 
 import httpx
 import pytest
+import redis
 
 from tests.api.conftest import Server, native_files, peft_adapter, start_server, stop_server, upload
 from tests.api.test_tenants import make_key
@@ -24,6 +26,7 @@ DEFAULT_MAX_NEW = 40  # the servers' --quota-max-new-tokens
 @dataclass
 class Cluster:
     redis: RedisServer
+    prefix: str  # the store's key prefix in that Redis
     a: Server
     b: Server
     admin: str
@@ -47,7 +50,8 @@ class Cluster:
 def cluster(model_dir, tmp_path_factory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("quotas")
     redis = RedisServer().start()
-    url = f"{redis.url}?prefix=psquota-{uuid.uuid4().hex[:8]}"
+    prefix = f"psquota-{uuid.uuid4().hex[:8]}"
+    url = f"{redis.url}?prefix={prefix}"
     admin = make_key(url, "ops", admin=True)
     servers: list[Server] = []
     try:
@@ -57,7 +61,7 @@ def cluster(model_dir, tmp_path_factory) -> Iterator[Cluster]:
                                         max_new_tokens_default=2, quota_max_new_tokens=DEFAULT_MAX_NEW))
         with servers[0].client(headers={"Authorization": f"Bearer {admin}"}) as ops:
             base = upload(ops, "shared~base", peft_adapter(seed=3)).json()["manifest"]["base_model"]
-        yield Cluster(redis, servers[0], servers[1], admin, base)
+        yield Cluster(redis, prefix, servers[0], servers[1], admin, base)
     finally:
         for s in servers:
             assert stop_server(s) in (0, -signal.SIGTERM), s.log.read_text()[-4000:]
@@ -93,6 +97,89 @@ def test_tokens_per_minute_across_replicas(cluster):
         assert _quota_429(rs[3], "tokens_per_minute") >= 10  # ~10 tokens at 0.5 per second
         r = a.post("/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 30}})
         assert r.status_code == 422 and "tokens_per_minute (30)" in r.json()["error"]  # can never fit
+
+
+def _tpm_bucket(cluster: Cluster, tenant: str) -> tuple[float, float] | None:
+    """A tenant's tokens_per_minute bucket as Redis holds it: (tokens, Redis time of its last change); None: full."""
+    tokens, ts = redis.Redis.from_url(cluster.redis.url).hmget(f"{cluster.prefix}:quota:tpm:{tenant}", "tokens", "ts")
+    return None if ts is None else (float(tokens), float(ts))
+
+
+def _eventually(check, what: str, timeout: float = 15):
+    """Poll `check()` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+    return value
+
+
+def _bucket_change(cluster: Cluster, tenant: str, since: tuple[float, float] | None) -> tuple[float, float]:
+    """Poll until the bucket is no longer `since`; the new state."""
+    return _eventually(lambda: (now := _tpm_bucket(cluster, tenant)) != since and now,
+                       f"the tokens_per_minute bucket of {tenant} did not change")
+
+
+def _booked(server: Server, tenant: str, route: str) -> list[tuple[str, int, int]]:
+    """(finish, prompt_tokens, generated) of each request line the server logged for `tenant` on `route`."""
+    pattern = rf"tenant={tenant} task=- route={route} finish=(\w+) prompt_tokens=(\d+) generated=(\d+) "
+    return [(f, int(p), int(g)) for f, p, g in re.findall(pattern, server.log.read_text())]
+
+
+ABANDONED = 1 + 450  # "x" and max_new_tokens 450: the whole bucket of a tenant with this tokens_per_minute
+
+
+def _leave_mid_stream(c: httpx.Client, cluster: Cluster) -> tuple[float, float]:
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 450, "ignore_eos_token": True}}
+    with c.stream("POST", "/generate_stream", json=body) as r:
+        assert next(line for line in r.iter_lines() if line.startswith("data:"))
+        return _bucket_change(cluster, c.tenant, None)  # the reservation, taken before the first token
+
+
+def _leave_mid_generate(c: httpx.Client, cluster: Cluster) -> tuple[float, float]:
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 450, "ignore_eos_token": True}}
+    with ThreadPoolExecutor(1) as pool:
+        gone = pool.submit(c.post, "/generate", json=body, timeout=0.3)
+        reserved = _bucket_change(cluster, c.tenant, None)
+        with pytest.raises(httpx.TimeoutException):
+            gone.result()
+    return reserved
+
+
+@pytest.mark.parametrize("leave, route", [(_leave_mid_stream, "generate_stream"),
+                                          (_leave_mid_generate, "generate")])
+def test_abandoned_generation_gives_back_what_it_did_not_use(cluster, leave, route):
+    """A client that leaves mid-generation: its reservation less the prompt and the tokens generated comes back,
+    once, when the engine has retired the request (the bucket is read in Redis)."""
+    a, b = cluster.tenant(tokens_per_minute=ABANDONED, max_new_tokens=0)
+    with a, b:
+        tokens0, ts0 = leave(a, cluster)
+        assert tokens0 < 1  # the whole bucket reserved
+        tokens1, ts1 = _bucket_change(cluster, a.tenant, (tokens0, ts0))  # the refund
+        [(finish, prompt, generated)] = _eventually(lambda: _booked(cluster.a, a.tenant, route), "not logged")
+        assert finish == "cancelled" and prompt == 1 and 1 <= generated < 450, (finish, prompt, generated)
+        rate = ABANDONED / 60
+        assert tokens1 == pytest.approx(min(ABANDONED, tokens0 + (ts1 - ts0) * rate + ABANDONED - prompt - generated),
+                                        abs=1e-3)
+        time.sleep(1)
+        assert _tpm_bucket(cluster, a.tenant) == (tokens1, ts1)  # given back once
+        assert len(_booked(cluster.a, a.tenant, route)) == 1
+
+
+def test_choices_of_a_refused_request_give_back_their_tokens(cluster):
+    """/v1/completions with n=2 whose second choice is over tokens_per_minute: 429, and the first choice (queued,
+    then cancelled) gives back what it reserved but did not use."""
+    choice = 1 + 200
+    a, b = cluster.tenant(tokens_per_minute=2 * choice - 1, max_new_tokens=0)
+    with a, b:
+        r = a.post("/v1/completions", json={"prompt": "x", "max_tokens": 200, "n": 2})
+        _quota_429(r, "tokens_per_minute")
+        booked = _eventually(lambda: _booked(cluster.a, a.tenant, "v1_completions"), "the choice was not booked")
+        [(finish, prompt, generated)] = booked
+        assert finish == "cancelled", booked
+        used = prompt + generated if generated else 0
+        _eventually(lambda: _tpm_bucket(cluster, a.tenant)[0] >= 2 * choice - 1 - used - 1e-3,
+                    f"not given back: {_tpm_bucket(cluster, a.tenant)}")  # without the refund: about `choice` - 1
 
 
 def _multipart(files: dict[str, bytes], boundary: str = "quota-test-boundary") -> tuple[bytes, str]:
