@@ -7,8 +7,11 @@ Workload: C concurrent clients, each sending R requests back to back to /generat
 tasks (prompts of ~24 tokens, N new tokens, greedy, EOS ignored). In-process, the same requests (same token ids,
 same prefixes) go to an Engine with the same batch size, twice: from C in-process clients sending back to back
 (the same arrival pattern: the ratio to this one is the cost of HTTP) and all at once (the engine's best case).
-Both sides use one torch thread. Reports tokens/s of each, the ratios, and p50/p99 time to first token and
-per-token latency (client side, from the SSE events). Writes bench/out/http.json.
+Both sides use one torch thread. Reports tokens/s of each, the ratios, p50/p99 time to first token and per-token
+latency (client side, from the SSE events), and for each side what the engine did (decode steps, mean rows per
+decode step, prefill forwards, milliseconds per step: from Engine.stats in-process, from /metrics over HTTP), which
+says whether HTTP costs throughput through slower steps or through fuller/emptier batches. Writes
+bench/out/http.json.
 """
 from __future__ import annotations
 
@@ -71,10 +74,12 @@ def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list
         return sum(await asyncio.gather(*(client(list(range(c, len(jobs), clients))) for c in range(clients))))
 
     def timed(run) -> dict:
+        before = engine_counters(vars(engine.stats))
         t0 = time.perf_counter()
         tokens = run()
         wall = time.perf_counter() - t0
-        return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+        return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                "engine": engine_summary(before, engine_counters(vars(engine.stats)))}
 
     engine.start()
     try:
@@ -85,6 +90,34 @@ def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list
     finally:
         engine.stop()
     return {"closed_loop": looped, "all_at_once": at_once}
+
+
+ENGINE_COUNTERS = ("steps", "prefill_steps", "decode_row_steps", "decode_seconds", "prefill_seconds")
+
+
+def engine_counters(values: dict) -> dict[str, float]:
+    """The engine counters that explain a run's throughput (from Engine.stats or /metrics)."""
+    return {k: float(values[k]) for k in ENGINE_COUNTERS}
+
+
+def scrape_counters(metrics_text: str) -> dict[str, float]:
+    """The same counters from the server's /metrics text (prefixserve_engine_<name>_total)."""
+    values = {}
+    for line in metrics_text.splitlines():
+        for k in ENGINE_COUNTERS:
+            if line.startswith(f"prefixserve_engine_{k}_total "):
+                values[k] = line.split()[-1]
+    return engine_counters(values)
+
+
+def engine_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the engine did during a run: decode steps, mean rows per decode step, prefill forwards, and the
+    milliseconds per decode step and per prefill forward (busy time; the rest of the wall time is waiting)."""
+    d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    return {"decode_steps": d["steps"], "mean_decode_rows": d["decode_row_steps"] / max(d["steps"], 1),
+            "prefill_forwards": d["prefill_steps"], "ms_per_decode_step": 1e3 * d["decode_seconds"] / max(d["steps"], 1),
+            "ms_per_prefill_forward": 1e3 * d["prefill_seconds"] / max(d["prefill_steps"], 1),
+            "busy_s": d["decode_seconds"] + d["prefill_seconds"]}
 
 
 async def _client(c: httpx.AsyncClient, reqs: list[tuple[int, str]], new: int, out: list[dict]) -> None:
@@ -107,14 +140,16 @@ async def run_http(url: str, jobs: list[tuple[int, str]], clients: int, new: int
     out: list[dict] = []
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as c:
         await asyncio.gather(*(_client(c, per[i][:1], new, []) for i in range(min(clients, 8))))  # warm-up
+        before = scrape_counters((await c.get("/metrics")).text)
         t0 = time.perf_counter()
         await asyncio.gather(*(_client(c, p, new, out) for p in per))
         wall = time.perf_counter() - t0
+        engine = engine_summary(before, scrape_counters((await c.get("/metrics")).text))
     tokens = sum(o["tokens"] for o in out)
     ttft, tpot = [o["ttft"] for o in out], [o["tpot"] for o in out]
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": _pct(ttft, 0.99),
-            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": _pct(tpot, 0.99)}
+            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": _pct(tpot, 0.99), "engine": engine}
 
 
 def main() -> None:
