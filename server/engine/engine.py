@@ -236,7 +236,13 @@ class Engine:
             self._finish_unstarted(h, "cancelled" if h.request.cancelled else "timeout")
 
     def _admit(self) -> list[RequestHandle]:
-        """Take queued requests, fairly between tenants (scheduler.py), while rows and the KV-cache budget allow."""
+        """Take queued requests, fairly between tenants (scheduler.py), while rows and the KV-cache budget allow.
+
+        The budget is checked against what the cache will hold once the rows are placed (`runner.planned_bytes`:
+        for an encoder-decoder model, also the cross slots the admitted inputs need). With nothing running a
+        request is admitted anyway (submit checked that it fits alone); buffers kept from an earlier burst that
+        would take it past the budget go back to their initial size first.
+        """
         admitted: list[RequestHandle] = []
         longest, now = self.batch.longest(), time.monotonic()
         with self._cv:
@@ -247,10 +253,12 @@ class Engine:
                     self._finish_unstarted(h, "cancelled" if h.request.cancelled else "timeout")
                     continue
                 want = max(longest, self._final_length(h))
-                busy = bool(len(self.batch) or admitted)
-                if busy and self.cache.planned_bytes(len(self.batch) + len(admitted) + 1, want) \
-                        > self.config.kv_cache_bytes:
-                    break  # wait for running rows to finish rather than exceed the KV budget
+                rows = len(self.batch) + len(admitted) + 1
+                need = self.runner.planned_bytes(rows, want, [a.request for a in admitted] + [h.request])
+                if need > self.config.kv_cache_bytes:
+                    if rows > 1:
+                        break  # wait for running rows to finish rather than exceed the KV budget
+                    self.cache.shrink()  # nothing runs: the last burst's buffers must not push this one past it
                 longest = want
                 admitted.append(self._pending.pop())
         return admitted

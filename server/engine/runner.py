@@ -20,6 +20,7 @@ from server.engine.prefix_cache import DevicePrefix
 if TYPE_CHECKING:
     from server.engine.batch import Row
     from server.engine.engine import EngineConfig
+    from server.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class Runner(Protocol):
 
     def admit(self, rows: list[Row]) -> None:
         """Per-row set-up of newly admitted rows before they are placed (sets `row.state`)."""
+
+    def planned_bytes(self, rows: int, length: int, admitting: list[Request]) -> int:
+        """Bytes the cache would hold with `rows` rows of up to `length` decoder positions once the `admitting`
+        requests are placed beside the running rows (what admission checks against `kv_cache_bytes`)."""
 
     def forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int) -> torch.Tensor:
         """Logits [n, V] of the last column for a block of rows."""
@@ -96,6 +101,10 @@ class CausalRunner:
 
     def admit(self, rows: list[Row]) -> None:
         """Nothing to set up beyond the prefix copy the batch does."""
+
+    def planned_bytes(self, rows: int, length: int, admitting: list[Request]) -> int:
+        """The slot cache after `reserve(rows, length)`: prompts live in the decoder slots."""
+        return self.cache.planned_bytes(rows, length)
 
     def first_token_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """No forced tokens."""

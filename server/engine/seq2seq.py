@@ -39,6 +39,7 @@ from server.engine.seq2seq_cache import CrossState, Seq2SeqSlotCache
 if TYPE_CHECKING:
     from server.engine.batch import Row
     from server.engine.engine import EngineConfig
+    from server.engine.request import Request
 
 
 class _EncoderPrefix:
@@ -80,13 +81,23 @@ class Seq2SeqRunner:
         if len(prompt_ids) > self.max_seq_len:
             raise ValueError(f"inputs ({len(prompt_ids)} tokens) exceed the maximum encoder length "
                              f"{self.max_seq_len}")
-        cross = (prefix.cross_length if prefix else 0) + len(prompt_ids)
+        cross = self.cross_positions(prompt_ids, prefix)
         if cross > self.cache.cross_max_len:
             raise ValueError(f"cross-attention prefix ({prefix.cross_length if prefix else 0}) + inputs "
                              f"({len(prompt_ids)} tokens) exceed {self.cache.cross_max_len} positions")
         check_decoder_lengths(len(self.start_ids), prefix.length if prefix else 0, max_new_tokens, self.max_seq_len,
                               self.cache.bytes_per_position, self.config.kv_cache_bytes,
                               extra_bytes=cross * self.cache.cross_bytes_per_position(), what="decoder start")
+
+    @staticmethod
+    def cross_positions(prompt_ids: list[int], prefix: DevicePrefix | None) -> int:
+        """Cross-slot positions of a request: its task's cross prefix, then one per encoder input token."""
+        return (prefix.cross_length if prefix else 0) + len(prompt_ids)
+
+    def planned_bytes(self, rows: int, length: int, admitting: list[Request]) -> int:
+        """Decoder and cross slots once `admitting` are placed: the cross slots grow to the longest of theirs."""
+        cross = max((self.cross_positions(r.prompt_ids, r.prefix) for r in admitting), default=0)
+        return self.cache.planned_bytes(rows, length, cross)
 
     def decoder_prompt(self, prompt_ids: list[int]) -> list[int] | None:
         """The decoder starts from decoder_start_token_id (the prompt goes to the encoder)."""

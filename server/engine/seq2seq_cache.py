@@ -92,10 +92,21 @@ class Seq2SeqSlotCache(SlotKVCache):
         """Bytes held by the self-attention and cross-attention buffers."""
         return super().nbytes() + 2 * self.ck.numel() * self.ck.element_size()
 
-    def planned_bytes(self, rows: int, length: int) -> int:
-        """Bytes after `reserve(rows, length)`, cross slots (at their current length) included."""
+    def planned_cross(self, positions: int) -> int:
+        """Cross positions per row the buffers would have once a row of `positions` is admitted: doubled, capped."""
+        want = self.cross_capacity
+        while want < positions:
+            want = min(want * 2, self.cross_max_len)
+        if want < positions:
+            raise ValueError(f"{positions} cross-attention positions exceed the limit {self.cross_max_len}")
+        return want
+
+    def planned_bytes(self, rows: int, length: int, cross_positions: int = 0) -> int:
+        """Bytes after `reserve(rows, length)` and admitting rows of up to `cross_positions` cross positions (the
+        slots only grow, so running rows fit the current cross capacity)."""
         r, _ = self.planned_shape(rows, length)
-        return super().planned_bytes(rows, length) + r * self.cross_capacity * self.cross_bytes_per_position()
+        cross = r * self.planned_cross(cross_positions) * self.cross_bytes_per_position()
+        return super().planned_bytes(rows, length) + cross
 
     def _resize_cross(self, rows: int, length: int) -> None:
         layers, heads, dim = self._shape
@@ -130,12 +141,7 @@ class Seq2SeqSlotCache(SlotKVCache):
         assert state is not None, "an encoder-decoder row needs its cross-attention state"
         s = state.cross.shape[3]
         if s > self.cross_capacity:
-            want = self.cross_capacity
-            while want < s:
-                want = min(want * 2, self.cross_max_len)
-            if want < s:
-                raise ValueError(f"{s} cross-attention positions exceed the limit {self.cross_max_len}")
-            self._resize_cross(self.capacity_rows, want)
+            self._resize_cross(self.capacity_rows, self.planned_cross(s))
         self.ck[:, row, :, :s] = state.cross[:, 0]
         self.cv[:, row, :, :s] = state.cross[:, 1]
         self.cross_len[row], self.pos_offset[row] = s, state.pos_offset

@@ -155,6 +155,35 @@ def test_load_model_directory_and_request_checks(tmp_path, inputs):
     assert not loaded.model.get_decoder().embed_positions._forward_hooks  # the model is left as it was
 
 
+
+def test_kv_budget_counts_the_cross_slots_admitted_rows_need(bart, inputs):
+    """The budget fits two short requests (decoder slots of 256 positions, cross slots of 64) but not a short one
+    beside a long one (150 input tokens: cross slots of 256): the long one is admitted only after the short one
+    finishes, and the cache never holds more than the budget, even though each request alone fits."""
+    probe = Engine(bart).cache
+    row = 256 * probe.bytes_per_position  # the decoder slots of one row at their initial 256 positions
+    budget = 2 * (row + 64 * probe.cross_bytes_per_position())
+    assert 2 * (row + 256 * probe.cross_bytes_per_position()) > budget  # a short and a long row would not fit
+    engine = Engine(bart, EngineConfig(max_batch_size=4, kv_cache_bytes=budget))
+    short, long = inputs[1], (inputs[4] * 10)[:150]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    both = [engine.submit(inputs[0], params), engine.submit(short, params)]
+    engine.step()
+    assert engine.batch_size == 2  # two short requests share the budget
+    while not all(h.done for h in both):
+        engine.step()
+    first, second = engine.submit(short, params), engine.submit(long, params)
+    overlap = False
+    while not second.done:
+        engine.step()
+        running = {id(r.handle) for r in engine.batch.all_rows()}
+        overlap |= id(second) in running and not first.done
+        assert engine.cache.nbytes() <= budget
+    assert not overlap and first.done  # the long request waited for the short one instead of growing the slots
+    assert engine.cache.cross_capacity >= len(long)
+    assert [h.wait(0).token_ids for h in both + [first, second]] == [
+        run_alone(bart, p, None, 6) for p in (inputs[0], short, short, long)]
+
 @pytest.mark.slow
 def test_bart_base_shape_mixed_batch_equals_reference(inputs):
     """bart-base's shape (6+6 layers, 12 heads of 64, vocabulary 50265; random weights, init_std 0.1 so that greedy
