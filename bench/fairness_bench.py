@@ -12,7 +12,9 @@ runs on a fresh server:
 - fifo      : --scheduler fifo, flood cap `--flood-cap` (hundreds queued): the baseline (only `--fifo-light`
               light requests: each waits for the whole flood queue);
 - fair      : --scheduler fair (virtual token counter), same cap;
-- fair+cap  : fair, and the flooder capped below the batch size (`--batch / 2` requests in flight).
+- fair+cap  : fair, and the flooder capped below the batch size (`--batch / 2` requests in flight);
+- fair+reserve: fair, the fair config's cap, and one batch row reserved (--scheduler-reserved-rows 1: no tenant
+              takes the last row while another is active, so the light tenant's request finds a row at once).
 
 Prints, per configuration, the light tenant's p50/p99 latency loaded vs unloaded and their ratio, the flooder's
 completed requests and 429s; writes bench/out/fairness.json and, with matplotlib, bench/out/fairness.png.
@@ -140,7 +142,8 @@ def summary(xs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def run_config(name: str, model_dir: Path, work: Path, args, scheduler: str, flood_cap: int) -> dict:
+def run_config(name: str, model_dir: Path, work: Path, args, scheduler: str, flood_cap: int,
+               reserved: int = 0) -> dict:
     """One fresh server: unloaded light series, then loaded."""
     from tests.api.conftest import start_server, stop_server
 
@@ -148,7 +151,8 @@ def run_config(name: str, model_dir: Path, work: Path, args, scheduler: str, flo
     d.mkdir()
     keys = make_tenants(d / "store", flood_cap)
     server = start_server(model_dir, d, max_batch_size=args.batch, max_seq_len=512, max_queue=1024,
-                          scheduler=scheduler, request_timeout_s=3600, log_level="warning")
+                          scheduler=scheduler, scheduler_reserved_rows=reserved, request_timeout_s=3600,
+                          log_level="warning")
     prompts = make_prompts(args.fifo_light if scheduler == "fifo" else args.light, seed=1)
     try:
         asyncio.run(light_series(server.url, keys["light"], prompts[:2], args.new))  # warm-up
@@ -157,7 +161,7 @@ def run_config(name: str, model_dir: Path, work: Path, args, scheduler: str, flo
     finally:
         stop_server(server)
     a, b = summary(alone), summary(loaded["light"])
-    result = {"scheduler": scheduler, "flood_cap": flood_cap, "unloaded": a, "loaded": b,
+    result = {"scheduler": scheduler, "flood_cap": flood_cap, "reserved_rows": reserved, "unloaded": a, "loaded": b,
               "p50_ratio": b["total_p50_s"] / a["total_p50_s"], "p99_ratio": b["total_p99_s"] / a["total_p99_s"],
               "tpot_ratio": b["tpot_p50_s"] / a["tpot_p50_s"], "flood": loaded["flood"],
               "queue_depth_at_start": loaded["queue_depth_at_start"],
@@ -192,7 +196,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
-    """Run the three configurations and print/write the comparison."""
+    """Run the configurations and print/write the comparison."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8, help="max_batch_size")
     ap.add_argument("--flood", type=int, default=300, help="flood requests kept in flight")
@@ -203,7 +207,7 @@ def main() -> None:
                                                                 "whole flood queue)")
     ap.add_argument("--new", type=int, default=32, help="new tokens per light request")
     ap.add_argument("--quick", action="store_true", help="tiny model")
-    ap.add_argument("--only", default="", help="comma-separated subset of fifo,fair,fair+cap")
+    ap.add_argument("--only", default="", help="comma-separated subset of fifo,fair,fair+cap,fair+reserve")
     ap.add_argument("--out", default="bench/out", help="output directory")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -215,7 +219,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fairness-bench-"))
     model_dir = save_tiny_model_dir("gpt2", work / "model", seed=0, **MODELS[shape])
     configs = {"fifo": ("fifo", args.flood_cap), "fair": ("fair", args.flood_cap),
-               "fair+cap": ("fair", max(1, args.batch // 2))}
+               "fair+cap": ("fair", max(1, args.batch // 2)), "fair+reserve": ("fair", args.flood_cap, 1)}
     chosen = [c for c in (args.only.split(",") if args.only else configs)]
     results = {name: run_config(name.replace("+", "_"), model_dir, work, args, *configs[name]) for name in chosen}
     report = {"model": shape, "batch": args.batch, "flood": args.flood, "flood_new": args.flood_new,

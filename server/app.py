@@ -47,6 +47,7 @@ def build_state(settings: Settings) -> AppState:
                                          prompt_token_weight=settings.scheduler_prompt_weight,
                                          output_token_weight=settings.scheduler_output_weight,
                                          fair_scheduling=settings.scheduler == "fair",
+                                         reserved_rows=settings.scheduler_reserved_rows,
                                          packed_weights=settings.packed_weights))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
     metrics = Metrics(engine, cache, settings.metrics_max_tenants)

@@ -8,6 +8,12 @@ tenant, requests are served first in, first out. A tenant that becomes backlogge
 counter among the backlogged tenants (or, when nobody waits, to the counter of the tenant admitted last), so time
 spent idle is not banked as credit to flood with later. Ties go to the request that arrived first.
 
+Headroom for other tenants (`reserved_rows`, off by default): with R reserved rows, no tenant takes one of the
+batch's last R rows while another tenant is active (has a row, a waiting request, or sent one in the last
+`EngineConfig.reserve_window_s` seconds). A light tenant's next request then finds a row at the next step instead of waiting for
+a flooder's row to finish; a tenant alone still uses the whole batch. The engine applies it (`Engine._admit`); this
+queue tells it who is active and lets it pass over a capped tenant (`peek(exclude=...)`).
+
 Priorities are share weights, not classes: a tenant of weight 2 is charged half per token, so while both are
 backlogged it gets twice the tokens of a tenant of weight 1; nobody is starved. A tenant's weight comes with its
 requests (`Request.weight`, the latest one counts). The engine knows tenants only as strings ("" = anonymous, one
@@ -38,6 +44,7 @@ class FairQueue:
         self._floor = 0.0  # counter of the tenant admitted last: the lift when nobody is backlogged
         self._arrivals = itertools.count()
         self._len = 0
+        self._last_push: dict[str, float] = {}  # tenant -> when it last queued a request (monotonic seconds)
 
     def __len__(self) -> int:
         return self._len
@@ -58,6 +65,7 @@ class FairQueue:
     def push(self, handle: RequestHandle) -> None:
         """Queue a request behind its tenant's earlier ones; lift a newly backlogged tenant's counter."""
         tenant, weight = self._tenant(handle), handle.request.weight
+        self._last_push[tenant] = handle.request.submitted_at
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         if weight != 1.0:
@@ -74,16 +82,29 @@ class FairQueue:
         q.append((next(self._arrivals), handle))
         self._len += 1
 
-    def peek(self) -> RequestHandle | None:
-        """The request to admit next: the head of the backlogged tenant with the smallest counter."""
-        if not self._queues:
+    def peek(self, exclude: frozenset[str] | set[str] = frozenset()) -> RequestHandle | None:
+        """The request to admit next: the head of the backlogged tenant with the smallest counter (tenants in
+        `exclude` passed over)."""
+        tenants = [t for t in self._queues if t not in exclude] if exclude else self._queues
+        if not tenants:
             return None
-        tenant = min(self._queues, key=lambda t: (self._counters[t], self._queues[t][0][0]))
+        tenant = min(tenants, key=lambda t: (self._counters[t], self._queues[t][0][0]))
         return self._queues[tenant][0][1]
 
-    def pop(self, charge: bool = True) -> RequestHandle:
-        """Take the request `peek` names; when it is admitted (`charge`), charge its tenant for its prompt."""
-        handle = self.peek()
+    def tenant_of(self, handle: RequestHandle) -> str:
+        """The tenant a request is scheduled as ("" for everyone under fifo)."""
+        return self._tenant(handle)
+
+    def active(self, now: float, window: float) -> set[str]:
+        """Tenants with a waiting request or one queued within the last `window` seconds."""
+        if len(self._last_push) > MAX_IDLE_COUNTERS:
+            self._last_push = {t: at for t, at in self._last_push.items() if now - at <= window}
+        return set(self._queues) | {t for t, at in self._last_push.items() if now - at <= window}
+
+    def pop(self, charge: bool = True, exclude: frozenset[str] | set[str] = frozenset()) -> RequestHandle:
+        """Take the request `peek(exclude)` names; when it is admitted (`charge`), charge its tenant for its
+        prompt."""
+        handle = self.peek(exclude)
         if handle is None:
             raise IndexError("pop from an empty FairQueue")
         tenant = self._tenant(handle)

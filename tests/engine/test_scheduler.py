@@ -172,3 +172,43 @@ def test_deadline_ends_queued_and_running_requests_with_timeout(loaded):
     r = running.wait(0)
     assert r.finish_reason == "timeout" and 2 <= len(r.token_ids) < 200
     assert engine.batch_size == 0 and engine.stats.finished["timeout"] == 2
+
+
+def _rows_of(engine: Engine, tenant: str) -> int:
+    return sum(1 for r in engine.batch.all_rows() if r.request.tenant == tenant)
+
+
+@pytest.mark.parametrize("reserved", [1, 0])
+def test_reserved_rows_keep_a_row_for_an_active_light_tenant(loaded, reserved):
+    """Batch 4, A floods, B is active: with one reserved row A holds at most 3 rows and B's next request starts at
+    the next step, ahead of A's backlog; without (control) A fills the batch and B waits for one of A's rows."""
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=reserved, reserve_window_s=60))
+    long = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    b0 = engine.submit([21, 22], SamplingParams(max_new_tokens=1, ignore_eos=True), tenant="B", loop=None)
+    engine.step()  # B's one-token request runs and finishes: B is idle now, but sent a request within the window
+    assert b0.done and engine.batch_size == 0
+    flood = [engine.submit([11, 12, 13], long, tenant="A", loop=None) for _ in range(10)]
+    for _ in range(3):
+        engine.step()
+    assert _rows_of(engine, "A") == 4 - reserved and engine.batch_size == 4 - reserved
+    b1 = engine.submit([23, 24, 25], long, tenant="B", loop=None)
+    engine.step()
+    assert bool(b1.events) == bool(reserved)  # with the reserved row, B's request got its first token at once
+    assert sum(1 for h in flood if h.events) == 4 - reserved
+
+
+def test_a_tenant_alone_uses_every_row_and_the_reservation_lapses(loaded):
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=2, reserve_window_s=0.0))
+    long = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    flood = [engine.submit([11, 12, 13], long, tenant="A", loop=None) for _ in range(6)]
+    engine.step()
+    assert _rows_of(engine, "A") == 4  # nobody else active: no row held back
+    b = engine.submit([5, 6], long, tenant="B", loop=None)  # B waits (all rows busy) and is active while it waits
+    for _ in range(40):
+        engine.step()
+        if b.events:
+            break
+    assert b.events and _rows_of(engine, "A") <= 2  # while B runs, A may not take the 2 reserved rows
+    assert all(h.done or h.events for h in flood[:4])
+    with pytest.raises(ValueError, match="reserved_rows"):
+        Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=4))
