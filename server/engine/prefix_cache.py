@@ -3,6 +3,13 @@
 An entry is pinned while any queued or running request uses it and is never evicted under it. Entries are keyed
 by version (the artifact's sha256), so a re-upload under the same task name is a different entry and rows that
 started on the old version finish on it.
+
+With a host tier below it (`host`, server/tiers/host.py), each byte of prefix memory is held by one tier. When the
+device is the CPU and the model's dtype is the artifact's, `.to(device, dtype)` returns the artifact's own tensors:
+the device prefix *is* the host artifact's memory. Such an entry moves between the tiers (loaded: it leaves the
+host tier; evicted or dropped: it goes back there), so `prefix_cache_bytes + host_cache_bytes` bounds it and each
+tier's `bytes_used` counts it only while it holds it. A device copy of its own (a GPU, or another dtype) leaves
+the artifact in the host tier, a separate memory with its own budget.
 """
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -35,14 +42,17 @@ class DevicePrefix:
     encoder_kv: torch.Tensor | None = None
     cross_kv: torch.Tensor | None = None
     positions: str = "after_prefix"
+    artifact: PrefixArtifact | None = field(default=None, repr=False)  # set when the tensors are its memory
 
     @classmethod
     def from_artifact(cls, version: str, art: PrefixArtifact, device: torch.device, dtype: torch.dtype,
                       cache: PrefixCache | None = None) -> DevicePrefix:
-        """Copy an artifact's tensors to the device in the model's dtype."""
+        """Copy an artifact's tensors to the device in the model's dtype (no copy where they already are: then
+        `artifact` is set, the artifact whose memory this prefix shares)."""
         on = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in art.tensors.items()}
+        shared = all(on[k].data_ptr() == v.data_ptr() for k, v in art.tensors.items())
         return cls(version, on.get("kv"), cache=cache, encoder_kv=on.get("encoder_kv"), cross_kv=on.get("cross_kv"),
-                   positions=art.manifest.positions)
+                   positions=art.manifest.positions, artifact=art if shared else None)
 
     @property
     def length(self) -> int:
@@ -74,11 +84,28 @@ class CacheStats:
     evictions: int = 0
 
 
-class PrefixCache:
-    """LRU of DevicePrefix by bytes; thread-safe (acquired by the API, released by the engine thread)."""
+class HostTier(Protocol):
+    """The tier below the device cache (server/tiers/host.py's HostCache): parsed artifacts in host memory, by
+    version, bounded by its own budget; `put` of a version it holds is a no-op."""
 
-    def __init__(self, capacity_bytes: int, device: torch.device, dtype: torch.dtype):
+    def put(self, version: str, art: PrefixArtifact) -> None:
+        """Hold an artifact (evicting its least recently used ones past the budget)."""
+
+    def drop(self, version: str) -> None:
+        """Forget a version."""
+
+
+class PrefixCache:
+    """LRU of DevicePrefix by bytes; thread-safe (acquired by the API, released by the engine thread).
+
+    `host`, when set, is kept in step as the module docstring says: a newly loaded version is put there (a device
+    copy of its own) or taken out of it (the same memory), and an evicted or dropped entry that is the artifact's
+    memory goes back there. Lock order: this cache's lock, then the host tier's (which never calls back).
+    """
+
+    def __init__(self, capacity_bytes: int, device: torch.device, dtype: torch.dtype, host: HostTier | None = None):
         self.capacity_bytes, self.device, self.dtype = capacity_bytes, device, dtype
+        self.host = host
         self._entries: OrderedDict[str, DevicePrefix] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = CacheStats()
@@ -105,12 +132,17 @@ class PrefixCache:
                 self.stats.hits += 1
                 return entry
             self.stats.misses += 1
-        loaded = DevicePrefix.from_artifact(version, load(), self.device, self.dtype, cache=self)
+        art = load()
+        loaded = DevicePrefix.from_artifact(version, art, self.device, self.dtype, cache=self)
         with self._lock:
             entry = self._entries.get(version)  # another caller may have loaded it meanwhile
             if entry is None:
                 entry = loaded
                 self._entries[version] = entry
+                if self.host is not None and entry.artifact is not None:
+                    self.host.drop(version)  # the same memory: held, and counted, here now
+                elif self.host is not None:
+                    self.host.put(version, art)  # a device copy of its own: the artifact stays warm below
             entry.pins += 1
             self._entries.move_to_end(version)
             self._evict_locked()
@@ -127,15 +159,20 @@ class PrefixCache:
         with self._lock:
             entry = self._entries.get(version)
             if entry is not None and entry.pins == 0:
-                del self._entries[version]
+                self._remove_locked(version)
+
+    def _remove_locked(self, version: str) -> DevicePrefix:
+        """Take an entry out; memory it shares with its artifact goes back to the host tier (still warm there)."""
+        entry = self._entries.pop(version)
+        if self.host is not None and entry.artifact is not None:
+            self.host.put(version, entry.artifact)
+        return entry
 
     def _evict_locked(self) -> None:
         total = sum(e.nbytes for e in self._entries.values())
         for version in list(self._entries):
             if total <= self.capacity_bytes:
                 break
-            entry = self._entries[version]
-            if entry.pins == 0:
-                del self._entries[version]
-                total -= entry.nbytes
+            if self._entries[version].pins == 0:
+                total -= self._remove_locked(version).nbytes
                 self.stats.evictions += 1

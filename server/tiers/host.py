@@ -3,6 +3,12 @@
 It sits between the device cache (server/engine/prefix_cache.py) and the store: a device eviction or a version
 dropped on another replica's upload costs a host-to-device copy instead of a store round trip and a re-parse.
 Entries are keyed by version (sha256), so they never go stale; a deleted task's versions are dropped to free memory.
+
+The device cache keeps this tier in step (`PrefixCache.host`). On a GPU (or with a model dtype other than the
+artifacts') the device holds copies, and this tier keeps the artifacts of resident prefixes too: two memories, two
+budgets. On a CPU in the artifacts' dtype a device prefix *is* its artifact's memory, so this tier holds only the
+prefixes the device cache does not (those it evicted): each prefix is counted once, by the tier that holds it,
+and `host_cache_bytes` is prefix memory on top of `prefix_cache_bytes`.
 """
 from __future__ import annotations
 

@@ -63,6 +63,7 @@ class TaskRegistry:
     def __init__(self, store: PrefixStore, cache: PrefixCache, host: HostCache, fingerprint: dict[str, Any],
                  max_bytes: int, on_load: Callable[[str, float], None] | None = None):
         self.store, self.cache, self.host = store, cache, host
+        cache.host = host  # the device cache puts loads in, and evictions back into, host memory (prefix_cache.py)
         self.fingerprint, self.max_bytes = fingerprint, max_bytes
         self.on_load = on_load or (lambda tier, seconds: None)
         self.manifests: dict[str, Manifest] = {}
@@ -131,9 +132,7 @@ class TaskRegistry:
             validate(art, self.fingerprint, check_hash=False)  # hash checked by from_bytes; other models refused
             return art
 
-        art = await asyncio.to_thread(parse)
-        self.host.put(sha, art)
-        return art
+        return await asyncio.to_thread(parse)
 
     # -- changes made through this replica --
     def remember(self, name: str, m: Manifest, previous: Manifest | None = None) -> None:

@@ -16,6 +16,7 @@ from prefix_store.base import RESYNC, PrefixNotFound, StoreEvent, StoreUnavailab
 from server.engine.prefix_cache import PrefixCache
 from server.tiers.host import HostCache, artifact_bytes
 from server.tiers.registry import TaskRegistry
+from tests.engine.test_prefix_cache import held_bytes
 from tests.prefix_store.conftest import SHARED_REDIS, drop_namespace
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,36 @@ async def test_tiers_device_host_store(disk):
     reg = registry(disk, TINY, device_bytes=2 * artifact_bytes(arts[0]), host_bytes=2**20, loads=loads)
     for i in range(3):
         (await reg.acquire(f"t{i}")).release()
-    assert [t for t, _ in loads] == ["store"] * 3 and len(reg.cache) == 2 and len(reg.host) == 3
+    # on CPU the device tier's tensors are the artifacts' memory: host memory holds only the one evicted from it
+    assert [t for t, _ in loads] == ["store"] * 3 and len(reg.cache) == 2 and len(reg.host) == 1
     (await reg.acquire("t0")).release()  # evicted from the device, still in host memory
-    assert loads[-1][0] == "host" and reg.host.stats.hits == 1
+    assert loads[-1][0] == "host" and reg.host.stats.hits == 1 and "t0" not in reg.host
     before = len(loads)
     (await reg.acquire("t0")).release()
     assert len(loads) == before and reg.stats.map_hits >= 2  # a device hit: no load, no store read
+
+
+async def test_on_cpu_each_prefix_is_held_once_and_budgets_count_real_bytes(disk):
+    """CPU, fp32 model and artifacts: a device prefix is the parsed artifact's own memory (same data_ptr), so the
+    host tier holds only what the device tier does not. Room for 2 on the device and 1 in host memory keeps 3
+    tasks out of the store, and the two tiers' byte counts (the prefixserve_*_cache_bytes gauges) add up to the
+    memory that exists, never counting a prefix twice."""
+    arts = [make(TINY, 20 + i) for i in range(3)]
+    for i, a in enumerate(arts):
+        await put(disk, f"t{i}", a)
+    size, loads = artifact_bytes(arts[0]), []
+    reg = registry(disk, TINY, device_bytes=2 * size, host_bytes=size, loads=loads)
+    held = await reg.acquire("t2")
+    host_art = reg.host.get((await reg.manifest("t2")).sha256)
+    assert host_art is None  # the device tier holds it: no second entry for the same memory
+    held.release()
+    for _round in range(3):
+        for i in range(3):
+            (await reg.acquire(f"t{i}")).release()
+    # 10 loads (3 tasks cycling through room for 2): after each task's first, never the store again
+    assert [t for t, _ in loads] == ["store"] * 3 + ["host"] * 7
+    assert len(reg.cache) == 2 and len(reg.host) == 1
+    assert reg.cache.bytes_used + reg.host.bytes_used == held_bytes(reg.cache, reg.host) == 3 * size
 
 
 async def test_events_and_resync(disk):
