@@ -8,12 +8,12 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from server.api.auth import AdminDep
+from server.api.auth import AdminDep, AdminRoute
 from server.api.deps import StateDep
 from server.api.errors import APIError, validation
 from server.tenants.audit import audit
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=AdminRoute)
 KeyIdParam = Annotated[str, Path(description="The key's id (the 12 hex digits after psk_)", max_length=64)]
 
 

@@ -1,15 +1,20 @@
 """Authentication and the per-request quotas, as the dependency every API route has (health, metrics and docs
 routes do not): `caller: CallerDep` in a route gives the authenticated Caller (server/tenants/namespaces.py);
 `request.state.caller` holds it too. 401 for a missing or invalid key, 429 past requests_per_second or
-concurrent_requests; the concurrency slot is held until the response (a stream too) has been sent."""
+concurrent_requests; the concurrency slot is held until the response (a stream too) has been sent.
+
+The API routers use `AuthenticatedRoute`, which authenticates before the body is read or parsed: FastAPI reads
+and parses a route's body before it runs any dependency, so otherwise a malformed, too deep or too large body
+would be answered (422, 413) to a client without a valid key. With it, such a client gets 401 whatever its body."""
 from __future__ import annotations
 
-from typing import Annotated, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Callable, Coroutine
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from server.api.deps import StateDep
+from server.api.deps import AppState, StateDep, get_state
 from server.api.errors import APIError
 from server.tenants.namespaces import Caller
 
@@ -25,12 +30,55 @@ def presented_key(bearer: HTTPAuthorizationCredentials | None, api_key: str | No
     return key or None
 
 
+async def identify(request: Request, state: AppState) -> Caller:
+    """The request's Caller from its key (Unauthorized, 401, when auth is on and it has no valid one); looked up
+    once per request and kept in `request.state.caller`."""
+    caller = getattr(request.state, "caller", None)
+    if caller is None:
+        key = presented_key(await BEARER(request), await API_KEY(request))
+        caller = request.state.caller = await state.tenants.authenticate(key)
+    return caller
+
+
+def _not_found() -> APIError:
+    """What a non-admin gets from an admin route: the same 404 as a path that does not exist."""
+    return APIError(404, "Not Found", "http")
+
+
+class AuthenticatedRoute(APIRoute):
+    """A route whose caller is identified (and, for `admin_only` routes, found to be an admin) before its body is
+    read (the body's limits, server/api/limits.py, apply at that read) and parsed; the rest (quotas, the route)
+    as for any route."""
+
+    admin_only = False
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        reads_body = self.body_field is not None  # uploads stream their own body from inside the route
+
+        async def authenticated(request: Request) -> Response:
+            caller = await identify(request, get_state(request))
+            if self.admin_only and not caller.admin:
+                raise _not_found()
+            if reads_body:
+                await request.body()  # read and checked here, so its refusals are answered as themselves
+            return await handler(request)
+
+        return authenticated
+
+
+class AdminRoute(AuthenticatedRoute):
+    """An admin route: anyone else gets 404 whatever the body (a 422 would tell them the route exists)."""
+
+    admin_only = True
+
+
 async def authenticate(request: Request, state: StateDep,
                        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
                        api_key: Annotated[str | None, Depends(API_KEY)] = None) -> AsyncIterator[Caller]:
-    """The request's Caller, counted against its rate and holding a concurrency slot while the request runs."""
-    caller = await state.tenants.authenticate(presented_key(bearer, api_key))  # Unauthorized -> 401
-    request.state.caller = caller
+    """The request's Caller, counted against its rate and holding a concurrency slot while the request runs.
+    (`bearer` and `api_key` declare the two ways to send a key in the OpenAPI schema; `identify` reads them.)"""
+    caller = await identify(request, state)  # Unauthorized -> 401
     await state.quotas.admit(caller)
     async with state.quotas.slot(caller):
         yield caller
@@ -42,7 +90,7 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 def require_admin(caller: CallerDep) -> Caller:
     """The caller if it is an admin; anyone else gets the same 404 as a path that does not exist."""
     if not caller.admin:
-        raise APIError(404, "Not Found", "http")
+        raise _not_found()
     return caller
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, AsyncIterator
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.api.auth import CallerDep
+from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, to_api_error, validation
 from server.api.logprobs import tgi_top_tokens
@@ -18,7 +18,7 @@ from server.api.service import Generation, Started, StartedDep, encode, run_or_c
 from server.tenants.namespaces import Caller
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["generate (TGI / LoRAX)"])
+router = APIRouter(tags=["generate (TGI / LoRAX)"], route_class=AuthenticatedRoute)
 
 TaskQuery = Annotated[str | None, Query(description="Task (prefix) name; none = the bare base model")]
 VERSION_HEADER = "X-Prefix-Version"

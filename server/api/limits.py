@@ -1,13 +1,17 @@
-"""Limits every HTTP request gets before a route sees it, as one ASGI middleware (`RequestLimits`):
+"""Limits every HTTP request gets, as one ASGI middleware (`RequestLimits`). The body limits apply when the route
+first reads the body, so a route can refuse a request before any of it is read (the API routes authenticate first:
+a request without a valid key is 401 whatever its body, server/api/auth.py); nothing parses a body unchecked:
 
-- **body size**, before it is read into memory: a Content-Length over the cap is answered 413 at once; a chunked
-  body is counted as it streams in and cut off with 413 as soon as it passes the cap. Prefix uploads
-  (`PUT /prefixes/...`) have their own, larger cap (`max_upload_bytes`; server/api/prefixes.py parses them as they
-  stream); every other body is capped by `max_body_bytes`;
+- **body size**, before it is read into memory: a Content-Length over the cap is answered 413 at the first read,
+  before any byte of the body; a chunked body is counted as it streams in and cut off with 413 as soon as it passes
+  the cap. Prefix uploads (`PUT /prefixes/...`) have their own, larger cap (`max_upload_bytes`;
+  server/api/prefixes.py parses them as they stream); every other body is capped by `max_body_bytes`;
 - **time to send the body**: the whole body must arrive within `client_timeout_s` (408 past it), so a client that
   trickles its body cannot hold a connection and a worker forever;
-- **JSON nesting**: a non-upload body is scanned for its nesting depth before anything parses it; deeper than
-  `max_json_depth` is refused with 422 (a deep document costs the parser recursion, never a 500);
+- **JSON nesting**: a non-upload body is read whole and scanned for its nesting depth before anything parses it;
+  deeper than `max_json_depth` is refused with 422 (a deep document costs the parser recursion, never a 500);
+- **an unread body**: a response that starts before the request's body has all arrived (a 401, a 413, a route
+  that reads no body) closes the connection after it, so the rest is never read;
 - **a client that stops reading**: a response write that waits longer than `client_timeout_s` on the client
   (its socket buffers are full) ends the response; a stream's generation is cancelled and its rows freed;
 - **a response that never starts**: one not started within `request_timeout_s` (+ `DEADLINE_GRACE_S`, so the
@@ -47,6 +51,19 @@ class LimitSettings:
     max_json_depth: int = 32
     client_timeout_s: float = 30.0
     request_timeout_s: float = 300.0
+
+
+@dataclass
+class _Body:
+    """Whether the request's body has all arrived."""
+
+    done: bool
+
+
+def _body(scope: Scope) -> _Body:
+    """The state of a request's body: done at once when it declares none."""
+    declared = [v for name, v in scope["headers"] if name in (b"content-length", b"transfer-encoding")]
+    return _Body(done=all(v.strip() == b"0" for v in declared))
 
 
 class ClientTooSlow(Exception):
@@ -94,21 +111,14 @@ class RequestLimits:
         upload = _is_upload(scope)
         cap = self.limits.max_upload_bytes + UPLOAD_SLACK if upload else self.limits.max_body_bytes
         deadline = time.monotonic() + self.limits.client_timeout_s
-        try:
-            _check_length(scope, cap, upload)
-            if upload:  # streamed to the route, counted on the way
-                receive = _counted(receive, cap, deadline, upload)
-            else:  # small: read it all here, check its depth, replay it to the route
-                body = await _read_body(receive, cap, deadline)
-                if body.lstrip()[:1] in (b"{", b"[") and json_depth(body) > self.limits.max_json_depth:
-                    raise _Refused(422, f"body: JSON nested deeper than {self.limits.max_json_depth} levels",
-                                   "validation")
-                receive = _replay(body, receive)
-        except _Refused as e:
-            return await _answer(send, e.status, e.message, e.error_type)
-        await self._run(scope, receive, send)
+        body = _body(scope)
+        if upload:  # streamed to the route, counted on the way
+            receive = _counted(scope, receive, cap, deadline, body)
+        else:  # small: read whole at the first read, depth checked, handed over
+            receive = _checked_whole(scope, receive, cap, deadline, self.limits.max_json_depth, body)
+        await self._run(scope, receive, send, body)
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _run(self, scope: Scope, receive: Receive, send: Send, body: _Body) -> None:
         """Run the app with bounded writes; answer 504 if it has not started its response in time."""
         started = asyncio.Event()
         timeout = self.limits.client_timeout_s
@@ -116,6 +126,8 @@ class RequestLimits:
         async def bounded_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 started.set()
+                if not body.done:  # answered before the body was read: do not read (or drain) the rest
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             try:
                 await asyncio.wait_for(send(message), timeout)
             except asyncio.TimeoutError:
@@ -180,37 +192,51 @@ async def _read_body(receive: Receive, cap: int, deadline: float) -> bytes:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that gives the already-read body once, then the client's later messages (its disconnect)."""
-    sent = False
+def _checked_whole(scope: Scope, receive: Receive, cap: int, deadline: float, max_depth: int,
+                   state: _Body) -> Receive:
+    """A receive whose first call reads the whole body, checks its length (400/413/408) and JSON depth (422) and
+    gives it as one message; later calls give the client's later messages (its disconnect)."""
+    read = False
 
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+    async def checked() -> Message:
+        nonlocal read
+        if read:
+            return await receive()
+        read = True
+        try:
+            _check_length(scope, cap, False)
+            body = await _read_body(receive, cap, deadline)
+            state.done = True
+            if body.lstrip()[:1] in (b"{", b"[") and json_depth(body) > max_depth:
+                raise _Refused(422, f"body: JSON nested deeper than {max_depth} levels", "validation")
+        except _Refused as e:
+            raise _http_error(e) from None
+        return {"type": "http.request", "body": body, "more_body": False}
 
-    return replay
+    return checked
 
 
-def _counted(receive: Receive, cap: int, deadline: float, upload: bool) -> Receive:
-    """A receive that counts body bytes (413 past `cap`) and bounds the time until the body is complete (408)."""
-    seen, done = 0, False
+def _counted(scope: Scope, receive: Receive, cap: int, deadline: float, state: _Body) -> Receive:
+    """A receive that checks Content-Length at the first call, counts body bytes (413 past `cap`) and bounds the
+    time until the body is complete (408)."""
+    seen, done, started = 0, False, False
 
     async def counted() -> Message:
-        nonlocal seen, done
+        nonlocal seen, done, started
         if done:
             return await receive()
         try:
+            if not started:
+                started = True
+                _check_length(scope, cap, True)
             message = await _receive_by(receive, deadline)
         except _Refused as e:
             raise _http_error(e) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > cap:
-                raise _http_error(_too_large(cap, upload))
-            done = not message.get("more_body", False)
+                raise _http_error(_too_large(cap, True))
+            done = state.done = not message.get("more_body", False)
         return message
 
     return counted

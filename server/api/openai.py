@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
-from server.api.auth import CallerDep
+from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, to_api_error, validation
 from server.api.generate import stream_response
@@ -22,7 +22,7 @@ from server.api.service import Generation, StartedDep, TokenOut, encode, run_or_
 from server.engine.sampling import SamplingParams
 from server.tenants.namespaces import split_stored
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=AuthenticatedRoute)
 FINGERPRINT = "prefixserve-0.1.0"
 _FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 MAX_CHOICES = 64

@@ -32,7 +32,7 @@ from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE, Manifest
 from prefix_store.base import (ANY_VERSION, NAMESPACE_SEP, InvalidTaskName, PrefixNotFound, VersionNotFound,
                                validate_version)
 from server.api.admin import client_address
-from server.api.auth import CallerDep
+from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import APIError
 from server.api.generate import version_headers
@@ -42,7 +42,7 @@ from server.tenants.audit import audit
 from server.tenants.namespaces import Caller, candidates, split_ref, split_stored
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/prefixes", tags=["prefixes"])
+router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=AuthenticatedRoute)
 T = TypeVar("T")
 
 MULTIPART_SLACK = 64 * 1024  # room for part headers and boundaries on top of the file bytes

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.api.conftest import Server, start_server, stop_server
+from tests.api.conftest import Server, read_until_closed, start_server, stop_server
+from tests.api.test_tenants import make_key
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
@@ -99,6 +102,45 @@ def test_required_without_keys_refuses(model_dir, tmp_path):
             assert c.get("/v1/models", headers=bearer("whatever")).status_code == 401
             assert c.get("/health").status_code == 200
         assert "AUTH IS OFF" not in s.log.read_text()
+    finally:
+        stop_server(s)
+
+
+DEEP = b'{"inputs": "x", "parameters": ' + b"[" * 100 + b"]" * 100 + b"}"
+BAD_BODIES = [  # (method, path, body, content type, the status a caller with a valid key gets, a word of its error)
+    ("POST", "/generate", b'{"inputs": "x", ', "application/json", 422, "JSON decode"),
+    ("POST", "/generate", DEEP, "application/json", 422, "nested deeper"),
+    ("POST", "/v1/completions", b'{"prompt": "' + b"x" * 5000 + b'"}', "application/json", 413, "max-body-bytes"),
+    ("POST", "/v1/chat/completions", b'{"messages": 3}', "application/json", 422, "messages"),
+    ("POST", "/prefixes/e2e/rollback", b"[", "application/json", 422, "JSON decode"),
+    ("PUT", "/prefixes/e2e", b"--B\r\ngarbage", "multipart/form-data; boundary=B", 422, "files"),
+    ("PATCH", "/admin/tenants/bob", b'{"limits": ', "application/json", 404, "Not Found"),  # not an admin
+]
+
+
+def test_no_valid_key_is_401_whatever_the_body(model_dir, tmp_path):
+    """Authentication comes before the body is read or parsed; the open routes stay open."""
+    key = make_key(str(tmp_path / "store"), "alice")
+    s = start_server(model_dir, tmp_path, max_seq_len=128, max_body_bytes=4096)
+    try:
+        with s.client() as c:
+            for method, path, body, kind, status, word in BAD_BODIES:
+                for auth in ({}, bearer("psk_000000000000_" + "x" * 43), {"X-API-Key": "nope"}):
+                    r = c.request(method, path, content=body, headers={"Content-Type": kind, **auth})
+                    assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", (path, auth, r.text)
+                    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+                r = c.request(method, path, content=body, headers={"Content-Type": kind, **bearer(key)})
+                assert r.status_code == status and word in r.json()["error"], (path, r.text)
+            for path in ("/health", "/ready", "/metrics"):
+                assert c.request("GET", path, content=DEEP).status_code == 200, path
+        head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for auth, status in ((b"", b"401"), (f"Authorization: Bearer {key}\r\n".encode(), b"413")):
+            t0 = time.monotonic()  # a huge declared body: answered at once, unread, and the connection closed
+            with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1])), timeout=10) as sock:
+                sock.sendall(head + auth + b"Content-Length: 1073741824\r\n\r\n{")
+                reply = read_until_closed(sock)
+            assert reply.startswith(b"HTTP/1.1 " + status), reply[:300]
+            assert time.monotonic() - t0 < 5
     finally:
         stop_server(s)
 
