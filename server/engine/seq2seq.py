@@ -1,7 +1,8 @@
 """Encoder-decoder models (BART): the encoder runs once per request at admission; decoding is continuously batched.
 
-At admission (`Seq2SeqRunner.admit`), the admitted requests' inputs run through the encoder together (right-padded,
-each row with its task's encoder prefix prepended to every encoder self-attention layer's keys/values); every
+At admission (`Seq2SeqRunner.admit`), each admitted request's input runs through the encoder on its own (with its
+task's encoder prefix prepended to every encoder self-attention layer's keys/values; see `admit` for why never in
+a padded block with other requests); every
 decoder layer's cross-attention keys/values are projected from the encoder output once, the row's cross prefix is
 put in front, and the result goes to the row's cross-attention slot (`seq2seq_cache.py`). The decoder is then fed
 `decoder_start_token_id` like a one-token prompt and decoded exactly as decoder-only rows are: one forward per step

@@ -77,12 +77,10 @@ def test_alone_equals_reference(bart, inputs, prefixes, name):
         assert got != [reference(bart, prompt, None, 10) for prompt in (inputs[0], inputs[2])]
 
 
-@pytest.mark.parametrize("chunk", [512, 4], ids=["batched-encoder", "one-input-per-encoder-call"])
-def test_mixed_batch_join_and_leave_equals_alone_and_reference(bart, inputs, prefixes, chunk):
+def test_mixed_batch_join_and_leave_equals_alone_and_reference(bart, inputs, prefixes):
     """7 kinds of rows (6 tasks of different prefix lengths and conventions + the bare model), input lengths 3-16,
-    joining every other step and leaving as they finish; max_prefill_tokens=4 puts each input in its own encoder
-    call, 512 encodes the admitted inputs together, padded."""
-    engine = Engine(bart, EngineConfig(max_batch_size=5, max_prefill_tokens=chunk))
+    joining every other step and leaving as they finish (each input is encoded on its own at admission)."""
+    engine = Engine(bart, EngineConfig(max_batch_size=5))
     tasks = [prefixes[n] for n in TASKS] + [None]
     jobs = [(inputs[(i * 2) % len(inputs)], tasks[i % len(tasks)], 3 + (i * 5) % 9) for i in range(12)]
     expected = [reference(bart, p, t, n) for p, t, n in jobs]
