@@ -134,20 +134,33 @@ def bench_model(name: str, loaded, args, peak: float, tmp: Path) -> dict:
     return out
 
 
-def gemm_ceiling(loaded, rows: int) -> float:
-    """FLOP/s of the model's own weight matrices multiplied by a [rows, in] activation (the decode ceiling)."""
-    mats = [p for p in loaded.model.parameters() if p.dim() == 2]
-    total_f, total_t = 0.0, 0.0
-    for w in mats[:8] + [loaded.model.get_output_embeddings().weight]:
-        x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-        for _ in range(2):
-            torch.nn.functional.linear(x, w)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            torch.nn.functional.linear(x, w)
-        total_t += time.perf_counter() - t0
-        total_f += 5 * 2 * rows * w.numel()
-    return total_f / total_t
+def gemm_ceiling(loaded, rows: int, packed: bool = False) -> float:
+    """FLOP/s of every weight matrix of the model (each linear layer and the LM head, once per pass, as a decode
+    step streams them) multiplied by a [rows, in] activation: the decode step's matrix work with nothing else.
+    `packed`: through the engine's prepacked layers (server/engine/packed.py) instead of torch's plain linear."""
+    from server.engine.packed import PackedLinear, _as_linear
+
+    layers = [wb for m in loaded.model.modules() if (wb := _as_linear(m)) is not None]
+    if loaded.model.get_output_embeddings() is not None and not any(
+            w.data_ptr() == loaded.model.get_output_embeddings().weight.data_ptr() for w, _ in layers):
+        layers.append((loaded.model.get_output_embeddings().weight, None))
+    if packed:
+        mods = [PackedLinear(w, b) for w, b in layers]
+        calls = [(lambda x, m=m: m(x)) for m in mods]
+    else:
+        calls = [(lambda x, w=w.contiguous(), b=b: torch.nn.functional.linear(x, w, b)) for w, b in layers]
+    xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w, _ in layers]
+    flops = sum(2 * rows * w.numel() for w, _ in layers)
+    with torch.inference_mode():
+        for f, x in zip(calls, xs):  # warm-up
+            f(x)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for f, x in zip(calls, xs):
+                f(x)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best
 
 
 def plot(results: list[dict], peak: float, path: Path, dtype: str = "float32") -> None:
@@ -212,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded = gpt2_small(dtype=dtype) if name == "gpt2" else embedded(dtype)
             r = bench_model(name, loaded, args, peak, Path(tmp))
             r["gemm_ceiling_flops_at_32"] = gemm_ceiling(loaded, 32)
+            r["packed_gemm_ceiling_flops_at_32"] = gemm_ceiling(loaded, 32, packed=True)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}, indent=1))
     doc = {"dtype": args.dtype, "matmul_peak_flops": peak, "threads": torch.get_num_threads(), "torch": torch.__version__,
