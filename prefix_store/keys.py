@@ -2,15 +2,19 @@
 
 Only a key's hash is stored (server/tenants/keys.py makes and checks keys); no device code, no engine imports.
 
-    disk:   ROOT/auth.json      {"tenants": {name: record}, "keys": {id: record}}, replaced by one atomic rename
-                                (mode 0600) under the store's writer lock; readers re-read it when its inode,
-                                size or mtime changes, so a revocation by any process is seen by the next request
+    disk:   ROOT/auth.json      {"tenants": {name: record}, "keys": {id: record}, "namespaces": {name: n}},
+                                replaced by one atomic rename (mode 0600) under the store's writer lock; readers
+                                re-read it when its inode, size or mtime changes, so a revocation by any process
+                                is seen by the next request
     Redis:  P:auth:tenants      hash  tenant name -> record JSON
             P:auth:keys         hash  key id -> record JSON (id, tenant, sha256 of the key, created, label)
+            P:auth:namespaces   hash  tenant name -> namespace version (HINCRBY)
 
 `lookup(key_id)` answers in one read (one Lua script on Redis, a stat on disk): whether auth is enabled (a tenant
-exists), the key's record and its tenant's record. Nothing is cached across requests on Redis, so a revoked key
-stops working on every replica at once.
+exists), the key's record, its tenant's record and the version of its tenant's namespace. Nothing is cached across
+requests on Redis, so a revoked key stops working on every replica at once. The namespace version is a counter
+the server bumps after every upload into that namespace (`namespace_changed`), so a request that starts after an
+upload has returned knows, without another read, that what it remembers as absent there may exist now.
 """
 from __future__ import annotations
 
@@ -72,11 +76,13 @@ class KeyRecord:
 
 
 class Lookup(NamedTuple):
-    """One authentication read: auth enabled (some tenant exists), the key's record, its tenant's record."""
+    """One authentication read: auth enabled (some tenant exists), the key's record, its tenant's record, the
+    version of its tenant's namespace (0 before the first `namespace_changed`)."""
 
     enabled: bool
     key: KeyRecord | None
     tenant: TenantRecord | None
+    namespace_version: int = 0
 
 
 class KeyStore(Protocol):
@@ -117,6 +123,11 @@ class KeyStore(Protocol):
         """Every key record, oldest first."""
         ...
 
+    async def namespace_changed(self, tenant: str) -> None:
+        """Bump the version of `tenant`'s namespace (after a write to it); every later `lookup` of its keys, on
+        every process, returns the new version."""
+        ...
+
 
 class DiskKeyStore:
     """Keys and tenants in ROOT/auth.json next to a disk store's prefixes (see the module docstring)."""
@@ -127,7 +138,7 @@ class DiskKeyStore:
         self.url = store.url
         self.path = self.root / "auth.json"
         self._seen: tuple[int, int, int] | None = None
-        self._data: dict[str, dict[str, Any]] = {"tenants": {}, "keys": {}}
+        self._data: dict[str, dict[str, Any]] = {"tenants": {}, "keys": {}, "namespaces": {}}
         self._mutex = threading.Lock()
 
     def _read(self) -> dict[str, dict[str, Any]]:
@@ -135,7 +146,7 @@ class DiskKeyStore:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return {"tenants": {}, "keys": {}}
+            return {"tenants": {}, "keys": {}, "namespaces": {}}
         except OSError as e:
             raise StoreError(f"disk key store {self.path}: {e.strerror}") from None
         sig = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -145,7 +156,7 @@ class DiskKeyStore:
                     data = json.loads(self.path.read_bytes())
                 except (OSError, ValueError) as e:
                     raise StoreError(f"disk key store {self.path}: unreadable ({e})") from None
-                self._data = {"tenants": dict(data.get("tenants", {})), "keys": dict(data.get("keys", {}))}
+                self._data = {part: dict(data.get(part, {})) for part in ("tenants", "keys", "namespaces")}
                 self._seen = sig
             return self._data
 
@@ -168,7 +179,8 @@ class DiskKeyStore:
         if key is None:
             return Lookup(bool(data["tenants"]), None, None)
         tenant = data["tenants"].get(key["tenant"])
-        return Lookup(True, KeyRecord.from_json(key), TenantRecord.from_json(tenant) if tenant else None)
+        return Lookup(True, KeyRecord.from_json(key), TenantRecord.from_json(tenant) if tenant else None,
+                      int(data["namespaces"].get(key["tenant"], 0)))
 
     async def get_tenant(self, name: str) -> TenantRecord | None:
         """The tenant `name`, or None."""
@@ -196,15 +208,24 @@ class DiskKeyStore:
         """Every key record, oldest first."""
         return sorted((KeyRecord.from_json(k) for k in self._read()["keys"].values()), key=lambda k: k.created)
 
+    async def namespace_changed(self, tenant: str) -> None:
+        """One more in auth.json's namespace versions."""
+        def bump(d: dict[str, dict[str, Any]]) -> None:
+            d["namespaces"][tenant] = int(d["namespaces"].get(tenant, 0)) + 1
 
-# ARGV: prefix, key id ('' = none). Returns {number of tenants, key JSON | nil, tenant JSON | nil}.
+        await asyncio.to_thread(self._change, bump)
+
+
+# ARGV: prefix, key id ('' = none). Returns {number of tenants, key JSON | nil, tenant JSON | nil, namespace
+# version | nil}.
 LOOKUP = """
 local p, id = ARGV[1], ARGV[2]
 local n = redis.call('HLEN', p..':auth:tenants')
 if id == '' then return {n} end
 local k = redis.call('HGET', p..':auth:keys', id)
 if not k then return {n} end
-return {n, k, redis.call('HGET', p..':auth:tenants', cjson.decode(k)['tenant'])}
+local t = cjson.decode(k)['tenant']
+return {n, k, redis.call('HGET', p..':auth:tenants', t), redis.call('HGET', p..':auth:namespaces', t)}
 """
 
 
@@ -215,6 +236,7 @@ class RedisKeyStore:
         self._store = store  # a RedisStore: its client, key names and error mapping are shared
         self.url = store.url
         self._tenants, self._keys = store._key("auth", "tenants"), store._key("auth", "keys")
+        self._namespaces = store._key("auth", "namespaces")
         self._lookup = store._client.register_script(LOOKUP)
 
     def _call(self, coro: Any) -> Any:
@@ -225,7 +247,8 @@ class RedisKeyStore:
         res = await self._call(self._lookup(args=[self._store.prefix, key_id or ""]))
         key = KeyRecord.from_json(res[1]) if len(res) > 1 and res[1] else None
         tenant = TenantRecord.from_json(res[2]) if len(res) > 2 and res[2] else None
-        return Lookup(int(res[0]) > 0, key, tenant)
+        version = int(res[3]) if len(res) > 3 and res[3] else 0
+        return Lookup(int(res[0]) > 0, key, tenant, version)
 
     async def get_tenant(self, name: str) -> TenantRecord | None:
         """The tenant `name`, or None."""
@@ -257,6 +280,10 @@ class RedisKeyStore:
         """Every key record, oldest first."""
         raw = await self._call(self._store._client.hgetall(self._keys))
         return sorted((KeyRecord.from_json(v) for v in raw.values()), key=lambda k: k.created)
+
+    async def namespace_changed(self, tenant: str) -> None:
+        """HINCRBY, atomic across replicas."""
+        await self._call(self._store._client.hincrby(self._namespaces, tenant, 1))
 
 
 def open_key_store(store: PrefixStore) -> KeyStore:

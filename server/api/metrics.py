@@ -78,11 +78,13 @@ class _TierCollector:
     def collect(self) -> Iterator:
         h, t = self.tasks.host, self.tasks.stats
         lookups = CounterMetricFamily("prefixserve_prefix_tier_lookups", "Prefix lookups per tier (device, host: "
-                                      "artifact caches; map: task name -> version)", labels=["tier", "result"])
+                                      "artifact caches; map: task name -> version, result absent: a tenant's own "
+                                      "name known absent without a store read)", labels=["tier", "result"])
         for tier, hits, misses in (("device", self.tasks.cache.stats.hits, self.tasks.cache.stats.misses),
                                    ("host", h.stats.hits, h.stats.misses), ("map", t.map_hits, t.map_misses)):
             lookups.add_metric([tier, "hit"], hits)
             lookups.add_metric([tier, "miss"], misses)
+        lookups.add_metric(["map", "absent"], t.absent_hits)
         yield lookups
         yield CounterMetricFamily("prefixserve_host_cache_evictions", "Host prefix cache evictions",
                                   value=h.stats.evictions)

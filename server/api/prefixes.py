@@ -29,8 +29,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE, Manifest
-from prefix_store.base import (ANY_VERSION, NAMESPACE_SEP, InvalidTaskName, PrefixNotFound, VersionNotFound,
-                               validate_version)
+from prefix_store.base import (ANY_VERSION, NAMESPACE_SEP, InvalidTaskName, PrefixNotFound, StoreError,
+                               VersionNotFound, validate_version)
 from server.api.admin import client_address
 from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
@@ -162,6 +162,19 @@ async def _check_storage(state: AppState, caller: Caller, stored: str, new: Mani
     state.quotas.check_storage(caller, len(mine) + 1, sum(m.nbytes for m in mine.values()) + new.nbytes)
 
 
+async def _namespace_changed(state: AppState, stored: str) -> None:
+    """After an upload into a tenant's namespace: bump its version, so no replica serves a request that starts
+    from now on with the absence it remembered for this name (server/tiers/registry.py). If the bump fails, the
+    store's watch events still reach every replica, a moment later."""
+    ns = split_stored(stored)[0]
+    if ns is None:
+        return
+    try:
+        await state.tenants.namespace_changed(ns)
+    except StoreError as e:
+        logger.warning("stored %s but could not bump the version of namespace %s: %s", stored, ns, e)
+
+
 @router.put("/{name}")
 async def put_prefix(name: NameParam, request: Request, state: StateDep, caller: CallerDep, if_match: IfMatch = None,
                      description: Annotated[str | None, Query(description="Replaces the description")] = None,
@@ -186,6 +199,7 @@ async def put_prefix(name: NameParam, request: Request, state: StateDep, caller:
         await _check_storage(state, caller, stored, art.manifest)
         m = await state.store.put(stored, art.manifest, tensors, expected_version=expected)
     state.tasks.remember(stored, m, previous=old)  # the old version leaves the device cache
+    await _namespace_changed(state, stored)
     audit("prefix.put", tenant=caller.label, client=client_address(request), task=name, stored=stored,
           version=m.sha256, previous=old.sha256 if old else None, bytes=m.nbytes)
     logger.info("stored prefix %s version %s (%s, P=%d)", stored, m.sha256[:12], m.source, m.prefix_length)

@@ -32,10 +32,12 @@ async def acquire_prefix(state: AppState, caller: Caller, task: str | None) -> D
         return None
     name, version = split_ref(task)
     at = f"@{version}" if version else ""
-    for stored in candidates(caller, name):
+    names = candidates(caller, name)
+    for i, stored in enumerate(names):
+        shadowing = i < len(names) - 1  # the caller's own name, with a shared one behind it: its absence is kept
         try:
-            return await state.tasks.acquire(stored + at)  # StoreError -> 503
-        except PrefixNotFound:
+            return await state.tasks.acquire(stored + at, caller.namespace_version if shadowing else None)
+        except PrefixNotFound:  # StoreError -> 503
             continue
     raise VersionNotFound(name, version) if version else PrefixNotFound(name)  # named as the caller named it
 

@@ -51,9 +51,9 @@ class TenantDirectory:
         """The caller of every request while auth is off."""
         return Caller("", False, self.defaults)
 
-    def caller(self, tenant: TenantRecord, kid: str | None = None) -> Caller:
+    def caller(self, tenant: TenantRecord, kid: str | None = None, namespace_version: int | None = None) -> Caller:
         """The Caller a tenant's key authenticates as."""
-        return Caller(tenant.name, tenant.admin, self.defaults.with_overrides(tenant.limits), kid)
+        return Caller(tenant.name, tenant.admin, self.defaults.with_overrides(tenant.limits), kid, namespace_version)
 
     async def enabled(self) -> bool:
         """Whether requests need a key now."""
@@ -74,7 +74,7 @@ class TenantDirectory:
         if found.key is None or found.tenant is None or not matches(key, found.key):
             self._recent.pop(key_hash(key), None)
             raise Unauthorized("invalid API key (unknown, revoked or malformed)")
-        caller = self.caller(found.tenant, kid)
+        caller = self.caller(found.tenant, kid, found.namespace_version)
         self._recent[key_hash(key)] = (caller, time.monotonic())
         self._recent.move_to_end(key_hash(key))
         if len(self._recent) > RECENT_KEYS:
@@ -87,7 +87,7 @@ class TenantDirectory:
             return self.anonymous
         seen = self._recent.get(key_hash(key)) if key else None
         if seen is not None and time.monotonic() - seen[1] < STALE_KEY_S:
-            return seen[0]
+            return replace(seen[0], namespace_version=None)  # not known now: remembered absences are not used
         raise error
 
     async def create_key(self, tenant: str, *, admin: bool = False, label: str = "") -> tuple[str, KeyRecord,
@@ -101,6 +101,10 @@ class TenantDirectory:
         key, key_record = new_key(tenant, label)
         await self.keys.put_key(key_record)
         return key, key_record, record
+
+    async def namespace_changed(self, tenant: str) -> None:
+        """Record a write to `tenant`'s namespace: requests that start from now on carry its new version."""
+        await self.keys.namespace_changed(tenant)
 
     async def revoke(self, kid: str) -> KeyRecord | None:
         """Remove a key (every replica refuses it from its next request); the removed record, or None."""

@@ -40,6 +40,7 @@ class Caller:
     admin: bool
     limits: Limits
     key_id: str | None = None
+    namespace_version: int | None = None  # of the tenant's namespace as this request began (prefix_store/keys.py)
 
     @property
     def namespace(self) -> str | None:

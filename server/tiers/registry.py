@@ -7,12 +7,20 @@ The map answers the HTTP path without a store round trip; a miss falls back to t
 (an upload, rollback or delete on any replica) update the map and drop the old version from the device cache;
 after a reconnection (RESYNC) the map is reconciled with `store.snapshot()`. While the store is down, tasks whose
 manifest and tensors are cached keep serving; anything needing the store fails with its StoreError (HTTP 503).
+
+It also remembers names found absent, for a tenant's own name that would shadow a shared task (so using a shared
+task costs no store read per request for the tenant's own name). Such an absence is tied to the version of the
+tenant's namespace the request carried (read with its key, prefix_store/keys.py; bumped by every upload into the
+namespace before the upload answers), so a request that starts after an upload on any replica never gets the
+remembered absence; it is also forgotten on an event naming it, on RESYNC, and on a change made here, and never
+remembered from a read that overlapped an event.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -28,6 +36,7 @@ T = TypeVar("T")
 HEALTH_TTL_S = 1.0  # /ready probes within this reuse the last store health answer
 HEALTH_TIMEOUT_S = 2.0  # a store that has not answered its health check by then is reported down
 FAST_FAILURE_S = 0.5  # a store read that failed this fast (a pooled connection from before a restart) is retried
+ABSENT_MAX = 8192  # names remembered absent (the least recently used forgotten first)
 
 
 async def _read(call: Callable[[], Awaitable[T]]) -> T:
@@ -48,6 +57,7 @@ class RegistryStats:
 
     map_hits: int = 0
     map_misses: int = 0
+    absent_hits: int = 0  # lookups answered "absent" from the remembered absences (no store read)
     events: int = 0
     resyncs: int = 0
     last_resync: float = 0.0  # unix seconds of the last reconciliation with the store
@@ -67,31 +77,50 @@ class TaskRegistry:
         self.fingerprint, self.max_bytes = fingerprint, max_bytes
         self.on_load = on_load or (lambda tier, seconds: None)
         self.manifests: dict[str, Manifest] = {}
+        self._absent: OrderedDict[str, int] = OrderedDict()  # name -> namespace version it was found absent at
         self.stats = RegistryStats()
         self._epoch = 0  # bumped around every event: a store read that overlaps one is not cached in the map
         self._loading: dict[str, asyncio.Future[PrefixArtifact]] = {}
         self._health: tuple[float, dict[str, Any]] | None = None
 
     # -- resolution --
-    async def manifest(self, name: str, version: str | None = None) -> Manifest:
-        """The manifest serving `name` (current, or the pinned `version`): from the map, else from the store."""
+    async def manifest(self, name: str, version: str | None = None, absent_as_of: int | None = None) -> Manifest:
+        """The manifest serving `name` (current, or the pinned `version`): from the map, else from the store.
+
+        `absent_as_of`: the namespace version the request carries (see the module docstring); with it, a name
+        remembered absent at that version is PrefixNotFound without a store read, and a store miss is remembered.
+        """
         current = self.manifests.get(name)
         if current is not None and (version is None or current.sha256.startswith(version)):
             self.stats.map_hits += 1
             return current
+        remember_absent = version is None and absent_as_of is not None
+        if remember_absent and self._absent.get(name) == absent_as_of:
+            self._absent.move_to_end(name)
+            self.stats.absent_hits += 1
+            raise PrefixNotFound(name)
         self.stats.map_misses += 1
         if version is not None:
             return await _read(lambda: self.store.get_manifest(name, version))
         epoch = self._epoch
-        m = await _read(lambda: self.store.get_manifest(name))
+        try:
+            m = await _read(lambda: self.store.get_manifest(name))
+        except PrefixNotFound:
+            if remember_absent and epoch == self._epoch:
+                self._absent[name] = absent_as_of
+                self._absent.move_to_end(name)
+                if len(self._absent) > ABSENT_MAX:
+                    self._absent.popitem(last=False)
+            raise
         if epoch == self._epoch:  # no event arrived meanwhile: the read is not older than the map
             self.manifests[name] = m
         return m
 
-    async def acquire(self, ref: str) -> DevicePrefix:
-        """The pinned device prefix for `NAME` or `NAME@VERSION`; the caller must release it."""
+    async def acquire(self, ref: str, absent_as_of: int | None = None) -> DevicePrefix:
+        """The pinned device prefix for `NAME` or `NAME@VERSION`; the caller must release it. (`absent_as_of`:
+        see `manifest`.)"""
         name, version = split_task_ref(ref)
-        m = await self.manifest(name, version)
+        m = await self.manifest(name, version, absent_as_of)
         sha = m.sha256
         if sha in self.cache:
             try:
@@ -138,6 +167,7 @@ class TaskRegistry:
     def remember(self, name: str, m: Manifest, previous: Manifest | None = None) -> None:
         """`name` now points to `m` (an upload or rollback on this replica); the old version leaves the device."""
         self._epoch += 1
+        self._absent.pop(name, None)
         old = self.manifests.get(name, previous)
         self.manifests[name] = m
         if old is not None and old.sha256 != m.sha256:
@@ -146,6 +176,7 @@ class TaskRegistry:
     def forget(self, name: str) -> None:
         """`name` was deleted: its version leaves the map, the device and the host cache."""
         self._epoch += 1
+        self._absent.pop(name, None)
         old = self.manifests.pop(name, None)
         if old is not None:
             self._release(old.sha256, host=True)
@@ -162,6 +193,10 @@ class TaskRegistry:
     async def on_event(self, event: StoreEvent) -> None:
         """Apply one store event: a moved name, a deleted name, or RESYNC (reconcile with a snapshot)."""
         self._epoch += 1
+        if event == RESYNC:  # events may have been missed: no absence is known any more
+            self._absent.clear()
+        else:
+            self._absent.pop(event.name, None)
         try:
             if event == RESYNC:
                 await self._resync()
