@@ -88,7 +88,7 @@ class _TierCollector:
         yield lookups
         yield CounterMetricFamily("prefixserve_host_cache_evictions", "Host prefix cache evictions",
                                   value=h.stats.evictions)
-        yield GaugeMetricFamily("prefixserve_host_cache_bytes", "Host bytes of cached prefixes", value=h.bytes_used)
+        yield GaugeMetricFamily("prefixserve_host_cache_bytes", "Host bytes of cached prefixes (on CPU, only those not also resident on the device: each is held once)", value=h.bytes_used)
         yield GaugeMetricFamily("prefixserve_host_cache_entries", "Prefixes in the host cache", value=len(h))
         yield GaugeMetricFamily("prefixserve_task_map_entries", "Task names mapped to versions in memory",
                                 value=len(self.tasks.manifests))
