@@ -88,3 +88,38 @@ def test_embedded_engine_equals_peft_alone_and_mixed(smol, smol_adapters):
     base = smol.model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False,
                                pad_token_id=smol.tokenizer.eos_token_id)[0, len(prompts[0]):]
     assert hs[-1].wait(0).token_ids == base.tolist()
+
+
+SHIPPED = {  # the prefixes the README's quick start uploads, and an input in the format each was trained on
+    "e2e": "name : The Eagle | Type : coffee shop | food : French | price : moderate | area : riverside\n",
+    "webnlg": "Alan Bean : occupation : Test pilot | Alan Bean : birthPlace : Wheeler, Texas\n",
+}
+
+
+@pytest.mark.parametrize("task", sorted(SHIPPED))
+def test_shipped_prefix_validates_and_serves_as_its_peft_export(smol, task, tmp_path):
+    """prefixes/TASK loads against the embedded model as uploaded (manifest + tensors), says what to send, and the
+    engine's greedy text for an input of its format equals PEFT generate with the exported PEFT adapter."""
+    from pathlib import Path
+
+    from prefix_store.peft_io import export_peft
+
+    root = Path(__file__).resolve().parents[2] / "prefixes" / task
+    art = artifact_from_files(read_dir(root), smol)
+    assert art.manifest.input_format and art.manifest.description
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    for name, data in export_peft(art).items():
+        (peft_dir / name).write_bytes(data)
+    prompt = smol.tokenizer(SHIPPED[task])["input_ids"]
+    pm = PeftModel.from_pretrained(smol.model, str(peft_dir)).eval()
+    ids = torch.tensor([prompt])
+    ref = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                      pad_token_id=smol.tokenizer.eos_token_id)[0, len(prompt):].tolist()
+    engine = Engine(smol, EngineConfig(max_batch_size=2))
+    h = engine.submit(prompt, SamplingParams(max_new_tokens=24), DevicePrefix(art.manifest.sha256, art.kv))
+    while not h.done:
+        engine.step()
+    got = h.wait(0).token_ids
+    assert got == ref[: len(got)] and len(got) >= 8  # stops at EOS like generate, after real text
+    assert smol.tokenizer.decode(got).strip()  # writes something
