@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -134,22 +135,31 @@ async def _client(c: httpx.AsyncClient, reqs: list[tuple[int, str]], new: int, o
                     "tokens": len(stamps)})
 
 
-async def run_http(url: str, jobs: list[tuple[int, str]], clients: int, new: int) -> dict:
-    """C clients share the jobs round robin; wall time from the first send to the last token."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_http(url: str, jobs: list[tuple[int, str]], clients: int, new: int, server_pid: int) -> dict:
+    """C clients share the jobs round robin; wall time from the first send to the last token, and the CPU time the
+    server process and these clients used meanwhile (both on the same cores)."""
     per = [jobs[i::clients] for i in range(clients)]
     out: list[dict] = []
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as c:
         await asyncio.gather(*(_client(c, per[i][:1], new, []) for i in range(min(clients, 8))))  # warm-up
         before = scrape_counters((await c.get("/metrics")).text)
+        cpu0 = (cpu_seconds(server_pid), time.process_time())
         t0 = time.perf_counter()
         await asyncio.gather(*(_client(c, p, new, out) for p in per))
         wall = time.perf_counter() - t0
+        cpu = {"server_cpu_s": cpu_seconds(server_pid) - cpu0[0], "clients_cpu_s": time.process_time() - cpu0[1]}
         engine = engine_summary(before, scrape_counters((await c.get("/metrics")).text))
     tokens = sum(o["tokens"] for o in out)
     ttft, tpot = [o["ttft"] for o in out], [o["tpot"] for o in out]
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": _pct(ttft, 0.99),
-            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": _pct(tpot, 0.99), "engine": engine}
+            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": _pct(tpot, 0.99), "engine": engine, **cpu}
 
 
 def main() -> None:
@@ -183,7 +193,7 @@ def main() -> None:
         with server.client() as c:
             for i, a in enumerate(adapters):
                 assert upload(c, f"t{i}", a).status_code in (200, 201)
-        http = asyncio.run(run_http(server.url, jobs, args.clients, args.new_tokens))
+        http = asyncio.run(run_http(server.url, jobs, args.clients, args.new_tokens, server.proc.pid))
     finally:
         stop_server(server)
     result = {"model": shape, "clients": args.clients, "requests": n, "tasks": args.tasks,
