@@ -39,8 +39,8 @@ class Settings(BaseSettings):
                                                            "prompts are prefilled in chunks between decode steps")
     packed_weights: Literal["auto", "on", "off"] = Field(
         "auto", description="CPU fp32: run decoder-only models on a copy whose weight matrices are prepacked for "
-                            "oneDNN (~1.5x faster matrix work per decode step, one more copy of the weights in "
-                            "memory); auto = on where available")
+                            "oneDNN (up to ~1.5x faster matrix work per decode step, one more copy of the weights "
+                            "in memory); auto = on where available and measured >= 1.1x faster at start-up")
     kv_cache_bytes: int = Field(4 * 2**30, ge=2**20, description="Bound on the KV cache of running rows; "
                                                                  "admission waits rather than exceed it")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request does not say")

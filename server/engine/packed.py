@@ -15,13 +15,15 @@ Numerics: the packed kernel accumulates in another order than the plain GEMM, so
 last bits (relative ~1e-6 in fp32), as the plain GEMM's already differ between batch sizes. The packed kernel's
 rows do not depend on how many rows are multiplied together, as long as there are at least two: a single row is
 padded to two, so a row computes the same bits alone or in any batch. Greedy equality with HF PEFT generate is
-token for token, as the exactness tests check with packing on (the default).
+token for token, as the exactness tests check (with the default, auto; tests/engine/test_packed.py compares on
+and off).
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import logging
+import time
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 PACK_BATCH_HINT = 32  # rows oneDNN tunes the packed layout for (any row count works)
+MIN_SPEEDUP = 1.1  # 'auto' keeps the packed copy only when its matrix work is at least this much faster
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -84,9 +87,31 @@ def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
     return clone, packed
 
 
+def _linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, PackedLinear) or _as_linear(m) is not None]
+
+
+def measured_speedup(model: nn.Module, clone: nn.Module, rows: int = PACK_BATCH_HINT, repeats: int = 3) -> float:
+    """How much faster the clone's packed layers run a decode step's matrix work than the model's own layers: every
+    linear layer once on a [rows, in] input (as a decode step streams them), best of `repeats` passes each."""
+    def best_pass(layers: list[nn.Module]) -> float:
+        xs = [torch.randn(rows, getattr(m, "in_features", None) or m.weight.shape[0]) for m in layers]
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first pass warms up
+                t0 = time.perf_counter()
+                for m, x in zip(layers, xs):
+                    m(x)
+                best = min(best, time.perf_counter() - t0)
+        return best
+    return best_pass(_linears(model)) / best_pass(_linears(clone))
+
+
 def serving_model(model: nn.Module, device: torch.device, dtype: torch.dtype, mode: str = "auto") -> nn.Module:
-    """The module the engine runs: `model` itself, or its packed copy (mode 'auto': when packing is available;
-    'on': required; 'off': never)."""
+    """The module the engine runs: `model` itself, or its packed copy. 'on': the packed copy (required); 'off': the
+    model; 'auto': the packed copy where packing is available and measured at least MIN_SPEEDUP faster on this
+    model's own matrices (it is on GPT-2 small's shapes, not on SmolLM2-135M's: docs/benchmarks.md), else the
+    model, so no memory is spent on a copy that does not pay."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"packed weights: expected auto, on or off, got {mode!r}")
     if mode == "off" or (mode == "auto" and not packing_available(device, dtype)):
@@ -95,5 +120,12 @@ def serving_model(model: nn.Module, device: torch.device, dtype: torch.dtype, mo
         raise ValueError(f"packed weights need fp32 on a CPU with oneDNN (model: {dtype} on {device})")
     clone, n = packed_copy(model)
     extra = sum(m.packed.numel() * m.packed.element_size() for m in clone.modules() if isinstance(m, PackedLinear))
+    if mode == "auto":
+        gain = measured_speedup(model, clone)
+        if gain < MIN_SPEEDUP:
+            logger.info("packed weights: x%.2f on this model's matrices (< x%.1f), not worth %.0f MiB: running the "
+                        "model's own layers", gain, MIN_SPEEDUP, extra / 2**20)
+            return model
+        logger.info("packed weights: x%.2f on this model's matrices", gain)
     logger.info("packed %d weight matrices for CPU decoding (+%.0f MiB)", n, extra / 2**20)
     return clone

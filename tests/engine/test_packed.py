@@ -47,16 +47,31 @@ def test_packed_copy_shares_parameters_and_leaves_the_model_alone(kind):
         torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_serving_model_modes():
+def test_serving_model_modes(monkeypatch):
+    from server.engine import packed
+
     loaded = loaded_tiny("gpt2")
     cpu = torch.device("cpu")
     assert serving_model(loaded.model, cpu, torch.float32, "off") is loaded.model
+    assert serving_model(loaded.model, cpu, torch.float32, "on") is not loaded.model
+    monkeypatch.setattr(packed, "measured_speedup", lambda model, clone: 1.5)  # auto keeps a copy that pays
     assert serving_model(loaded.model, cpu, torch.float32, "auto") is not loaded.model
+    monkeypatch.setattr(packed, "measured_speedup", lambda model, clone: 1.02)  # ... and drops one that does not
+    assert serving_model(loaded.model, cpu, torch.float32, "auto") is loaded.model
     assert serving_model(loaded.model, cpu, torch.bfloat16, "auto") is loaded.model  # fp32 only
     with pytest.raises(ValueError, match="fp32 on a CPU"):
         serving_model(loaded.model, cpu, torch.bfloat16, "on")
     with pytest.raises(ValueError, match="auto, on or off"):
         serving_model(loaded.model, cpu, torch.float32, "yes")
+
+
+def test_measured_speedup_times_the_same_matrix_work():
+    from server.engine.packed import measured_speedup
+
+    loaded = loaded_tiny("gpt2")
+    clone, _ = packed_copy(loaded.model)
+    gain = measured_speedup(loaded.model, clone, rows=4, repeats=1)
+    assert 0.05 < gain < 50  # a ratio of two timings of the same layers, not a fixed answer
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
