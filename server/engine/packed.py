@@ -21,6 +21,8 @@ and off).
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import itertools
 import logging
 import time
@@ -87,6 +89,16 @@ def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
     return clone, packed
 
 
+def _give_back_memory() -> None:
+    """Return freed heap memory to the OS (glibc keeps the trial copy's pages otherwise: ~0.4 GB of RSS for
+    SmolLM2-135M); a no-op where there is no glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _linears(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PackedLinear) or _as_linear(m) is not None]
 
@@ -125,6 +137,8 @@ def serving_model(model: nn.Module, device: torch.device, dtype: torch.dtype, mo
         if gain < MIN_SPEEDUP:
             logger.info("packed weights: x%.2f on this model's matrices (< x%.1f), not worth %.0f MiB: running the "
                         "model's own layers", gain, MIN_SPEEDUP, extra / 2**20)
+            del clone
+            _give_back_memory()
             return model
         logger.info("packed weights: x%.2f on this model's matrices", gain)
     logger.info("packed %d weight matrices for CPU decoding (+%.0f MiB)", n, extra / 2**20)
