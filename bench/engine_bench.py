@@ -138,7 +138,7 @@ def gemm_ceiling(loaded, rows: int, packed: bool = False) -> float:
     """FLOP/s of every weight matrix of the model (each linear layer and the LM head, once per pass, as a decode
     step streams them) multiplied by a [rows, in] activation: the decode step's matrix work with nothing else.
     `packed`: through the engine's prepacked layers (server/engine/packed.py) instead of torch's plain linear."""
-    from server.engine.packed import PackedLinear, _as_linear
+    from server.engine.packed import PackedLinear, _as_linear, best_pass_seconds
 
     layers = [wb for m in loaded.model.modules() if (wb := _as_linear(m)) is not None]
     if loaded.model.get_output_embeddings() is not None and not any(
@@ -151,16 +151,7 @@ def gemm_ceiling(loaded, rows: int, packed: bool = False) -> float:
         calls = [(lambda x, w=w.contiguous(), b=b: torch.nn.functional.linear(x, w, b)) for w, b in layers]
     xs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w, _ in layers]
     flops = sum(2 * rows * w.numel() for w, _ in layers)
-    with torch.inference_mode():
-        for f, x in zip(calls, xs):  # warm-up
-            f(x)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for f, x in zip(calls, xs):
-                f(x)
-            best = min(best, time.perf_counter() - t0)
-    return flops / best
+    return flops / best_pass_seconds([lambda f=f, x=x: f(x) for f, x in zip(calls, xs)])
 
 
 def plot(results: list[dict], peak: float, path: Path, dtype: str = "float32") -> None:

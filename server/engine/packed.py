@@ -26,6 +26,7 @@ import gc
 import itertools
 import logging
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -103,20 +104,27 @@ def _linears(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PackedLinear) or _as_linear(m) is not None]
 
 
+def best_pass_seconds(calls: list[Callable[[], object]], repeats: int = 3) -> float:
+    """Seconds of the fastest of `repeats` passes over `calls` (after one warm-up pass), each call once per pass:
+    how a decode step streams its weight matrices."""
+    best = float("inf")
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            for call in calls:
+                call()
+            if i:  # the first pass only warms up
+                best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measured_speedup(model: nn.Module, clone: nn.Module, rows: int = PACK_BATCH_HINT, repeats: int = 3) -> float:
     """How much faster the clone's packed layers run a decode step's matrix work than the model's own layers: every
     linear layer once on a [rows, in] input (as a decode step streams them), best of `repeats` passes each."""
-    def best_pass(layers: list[nn.Module]) -> float:
+    def seconds(layers: list[nn.Module]) -> float:
         xs = [torch.randn(rows, getattr(m, "in_features", None) or m.weight.shape[0]) for m in layers]
-        best = float("inf")
-        with torch.inference_mode():
-            for _ in range(repeats + 1):  # the first pass warms up
-                t0 = time.perf_counter()
-                for m, x in zip(layers, xs):
-                    m(x)
-                best = min(best, time.perf_counter() - t0)
-        return best
-    return best_pass(_linears(model)) / best_pass(_linears(clone))
+        return best_pass_seconds([lambda m=m, x=x: m(x) for m, x in zip(layers, xs)], repeats)
+    return seconds(_linears(model)) / seconds(_linears(clone))
 
 
 def serving_model(model: nn.Module, device: torch.device, dtype: torch.dtype, mode: str = "auto") -> nn.Module:
