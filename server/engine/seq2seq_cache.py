@@ -121,9 +121,9 @@ class Seq2SeqSlotCache(SlotKVCache):
         self.cross_len = (self.cross_len + [0] * rows)[:rows]
         self.pos_offset = (self.pos_offset + [0] * rows)[:rows]
 
-    def reserve(self, rows: int, length: int, used_len: int) -> None:
-        """Grow the self-attention buffers (SlotKVCache.reserve) and the cross slots' rows with them."""
-        super().reserve(rows, length, used_len)
+    def _grow(self, rows: int, length: int, used_len: int) -> None:
+        """Grow the self-attention buffers (SlotKVCache._grow) and the cross slots' rows with them."""
+        super()._grow(rows, length, used_len)
         if self.ck.shape[1] != self.capacity_rows:
             self._resize_cross(self.capacity_rows, self.cross_capacity)
 

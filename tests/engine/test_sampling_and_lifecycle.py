@@ -134,6 +134,52 @@ def test_kv_cache_is_bounded_and_shrinks_when_idle(loaded):
     assert engine.cache.capacity_rows == 1 and engine.cache.capacity_len == 65  # back to the start size
 
 
+def test_rows_grow_into_buffers_made_ahead_of_time(loaded):
+    """Past half the rows, the next doubling is zeroed on a background thread; the growth then uses it, keeps
+    what is stored, and the engine's tokens are those of a request alone. No spare unless the buffers held and the
+    spare fit the budget; a spare of the wrong shape is not used."""
+    from server.engine.kv_cache import SlotKVCache
+
+    s = loaded.spec
+    cache = SlotKVCache(s.num_layers, s.num_kv_heads, s.head_dim, loaded.device, loaded.dtype, max_rows=8,
+                        max_len=33, rows=2, positions=32)
+    cache.prefetch_limit = (2 + 4) * 32 * cache.bytes_per_position  # the 2 rows held and a spare of 4 fit
+    cache.reserve(1, 10, 0)
+    assert cache._spare is None  # half the rows in use: no spare yet
+    cache.reserve(2, 10, 0)
+    assert cache._spare is not None and cache._spare.shape == (4, 32)
+    assert cache.nbytes() == (2 + 4) * 32 * cache.bytes_per_position  # the spare counts while it is held
+    cache.k[:, :2, :, :5] = 1.5
+    cache.reserve(3, 10, 5)
+    assert cache.capacity_rows == 4 and cache.prefetched_growths == 1
+    assert bool((cache.k[:, :2, :, :5] == 1.5).all()) and not cache.k[:, 2:].any() and not cache.k[:, :, :, 5:].any()
+    assert cache._spare is None  # 4 rows held and a spare of 8 would exceed the limit
+    cache.prefetch_limit = (4 + 8) * 32 * cache.bytes_per_position
+    cache.reserve(3, 10, 5)
+    assert cache._spare is not None and cache._spare.shape == (8, 32)
+    cache.reserve(5, 32, 5)  # rows and positions both grow: the spare of 32 positions is not used
+    assert cache.capacity_rows == 8 and cache.capacity_len == 33 and cache.prefetched_growths == 1
+    cache.shrink()
+    assert cache._spare is None and cache.capacity_rows == 2
+
+    small = SlotKVCache(s.num_layers, s.num_kv_heads, s.head_dim, loaded.device, loaded.dtype, max_rows=8,
+                        max_len=33, rows=2, positions=32)
+    small.prefetch_limit = (2 + 4) * 32 * small.bytes_per_position - 1
+    small.reserve(2, 10, 0)
+    assert small._spare is None
+
+    engine = Engine(loaded, EngineConfig(max_batch_size=8))
+    hs = [engine.submit(PROMPTS[i % 5], SamplingParams(max_new_tokens=6, ignore_eos=True)) for i in range(2)]
+    engine.step()  # 2 rows of 2: the spare of 4 is made
+    hs.append(engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=6, ignore_eos=True)))
+    engine.step()  # the third row grows the cache into it
+    hs += [engine.submit(PROMPTS[i % 5], SamplingParams(max_new_tokens=6, ignore_eos=True)) for i in range(3, 7)]
+    drive(engine, hs)
+    assert engine.cache.prefetched_growths >= 1
+    assert [h.wait(0).token_ids for h in hs] == [run_alone(Engine(loaded), PROMPTS[i % 5], None, 6)
+                                                 for i in range(7)]
+
+
 def test_failed_step_fails_its_requests_and_the_engine_goes_on(loaded, monkeypatch):
     engine = Engine(loaded)
     engine.start()
