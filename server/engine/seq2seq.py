@@ -1,8 +1,8 @@
 """Encoder-decoder models (BART): the encoder runs once per request at admission; decoding is continuously batched.
 
-At admission (`Seq2SeqRunner.admit`), each admitted request's input runs through the encoder on its own (with its
-task's encoder prefix prepended to every encoder self-attention layer's keys/values; see `admit` for why never in
-a padded block with other requests); every
+At admission (`Seq2SeqRunner.admit`), each admitted request's input runs through the encoder (with its task's
+encoder prefix prepended to every encoder self-attention layer's keys/values), on its own or beside inputs of the
+same length, never in a padded block (see `admit`); every
 decoder layer's cross-attention keys/values are projected from the encoder output once, the row's cross prefix is
 put in front, and the result goes to the row's cross-attention slot (`seq2seq_cache.py`). The decoder is then fed
 `decoder_start_token_id` like a one-token prompt and decoded exactly as decoder-only rows are: one forward per step
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from server.engine.model import LoadedModel
+from server.engine.packed import serving_model
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.runner import causal_mask, check_decoder_lengths
 from server.engine.seq2seq_cache import CrossState, Seq2SeqSlotCache
@@ -59,8 +60,12 @@ class Seq2SeqRunner:
     """Runs BART-family models for the engine (see the module docstring and `server.engine.runner.Runner`)."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
-        self.loaded, self.model, self.spec, self.device = loaded, loaded.model, loaded.spec, loaded.device
+        self.loaded, self.spec, self.device = loaded, loaded.spec, loaded.device
         self.config, self.max_seq_len, self.dtype = config, max_seq_len, loaded.dtype
+        # the module tree forwards run on: the model, or its copy with prepacked weights (packed.py), whose rows do
+        # not depend on how many rows are multiplied together, so that inputs can be encoded together (`admit`)
+        self.model = serving_model(loaded.model, loaded.device, loaded.dtype, config.packed_weights)
+        self.rows_independent = self.model is not loaded.model
         self.encoder, self.decoder = self.model.get_encoder(), self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
         self.bias = getattr(self.model, "final_logits_bias", None)
@@ -68,6 +73,7 @@ class Seq2SeqRunner:
         self.cache = Seq2SeqSlotCache(s.num_layers, s.num_kv_heads, s.head_dim, self.device, self.dtype,
                                       max_rows=config.max_batch_size, max_len=max_seq_len + 1,
                                       cross_max_len=2 * max_seq_len)
+        self.cache.prefetch_limit = config.kv_cache_bytes  # grow decoder rows ahead of time (kv_cache.py)
         gen, cfg = getattr(self.model, "generation_config", None), self.model.config
         start = getattr(gen, "decoder_start_token_id", None)
         self.start_ids = [int(start if start is not None else cfg.decoder_start_token_id)]
@@ -114,15 +120,24 @@ class Seq2SeqRunner:
 
     # ------------------------------------------------------------------ admission: the encoder, once per request
     def admit(self, rows: list[Row]) -> None:
-        """Encode each row's input on its own and set the row's state.
+        """Encode the rows' inputs and set each row's state.
 
-        One encoder forward per request, never a padded block of several: a CPU matrix multiply's rounding depends
-        on how many rows it multiplies, and a random bart-base-shaped model amplifies that last-bit difference into
-        other greedy tokens (tests/engine/test_bart.py), so a request encoded next to others would not decode as it
-        does alone. The encoder is a small part of a request's work (its decoding is batched as usual).
+        Never in a padded block: padding changes the shapes a row's attention and matrix multiplies run at, so
+        their rounding, and a random bart-base-shaped model amplifies that last-bit difference into other greedy
+        tokens (tests/engine/test_bart.py): a request encoded next to others would not decode as it does alone.
+        With prepacked weights, whose rows are computed the same beside any number of others, the inputs of one
+        length whose tasks have encoder prefixes of one length are encoded together, unpadded (every row then runs
+        at the shapes it would alone); with the model's own layers (the plain CPU GEMM rounds differently for
+        different row counts) each input is encoded on its own.
         """
-        for r in rows:
-            self._encode([r])
+        groups: dict[tuple[int, int], list[Row]] = {}
+        for i, r in enumerate(rows):
+            p = r.request.prefix
+            enc = int(p.encoder_kv.shape[3]) if p is not None and p.encoder_kv is not None else 0
+            key = (len(r.request.prompt_ids), enc) if self.rows_independent else (i, 0)
+            groups.setdefault(key, []).append(r)
+        for group in groups.values():
+            self._encode(group)
 
     def _encode(self, rows: list[Row]) -> None:
         lengths = [len(r.request.prompt_ids) for r in rows]

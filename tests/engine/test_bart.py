@@ -60,7 +60,11 @@ def reference(loaded, prompt: list[int], task: tuple | None, n: int) -> list[int
 
 
 def run_alone(loaded, prompt, prefix, n, **sampling) -> list[int]:
-    engine = Engine(loaded, EngineConfig(max_batch_size=4))
+    return run_alone_on(Engine(loaded, EngineConfig(max_batch_size=4)), prompt, prefix, n, **sampling)
+
+
+def run_alone_on(engine, prompt, prefix, n, **sampling) -> list[int]:
+    """One request on an idle engine, stepped until it ends."""
     h = engine.submit(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True, **sampling), prefix)
     while not h.done:
         engine.step()
@@ -97,6 +101,35 @@ def test_mixed_batch_join_and_leave_equals_alone_and_reference(bart, inputs, pre
     assert max(sizes) == 5 and any(b < a for a, b in zip(sizes, sizes[1:]))  # full batch, rows left mid-run
     for (p, t, n), want in list(zip(jobs, expected))[:4]:
         assert run_alone(bart, p, t[0] if t else None, n) == want
+
+
+@pytest.mark.parametrize("packed", ["on", "off"])
+def test_inputs_encode_together_only_with_prepacked_weights(bart, inputs, prefixes, packed):
+    """With prepacked weights (rows computed the same beside any number of others) the inputs of one length whose
+    tasks have encoder prefixes of one length are encoded in one forward, unpadded; with the model's own layers
+    every input is encoded alone. Either way each row's tokens are those of the request alone and of the
+    reference."""
+    from server.engine.packed import packing_available
+
+    if packed == "on" and not packing_available(bart.device, bart.dtype):
+        pytest.skip("this torch build has no oneDNN")
+    engine = Engine(bart, EngineConfig(max_batch_size=8, packed_weights=packed))
+    blocks: list[int] = []
+    encode = engine.runner._encode
+    engine.runner._encode = lambda rows: (blocks.append(len(rows)), encode(rows))[1]
+    same = [inputs[0][:9], inputs[2][:9], inputs[4][:9]]  # one length
+    jobs = [(same[0], "all-zero"), (same[1], "all-zero"), (same[2], "dec"), (same[0], None), (same[1], "enc"),
+            (inputs[1], "all-zero")]  # encoder prefixes 5, 5, 0, 0, 4 and 5 on another length
+    handles = [engine.submit(p, SamplingParams(max_new_tokens=8, ignore_eos=True), prefixes[t][0] if t else None)
+               for p, t in jobs]
+    while not all(h.done for h in handles):
+        engine.step()
+    assert sorted(blocks) == ([1, 1, 2, 2] if packed == "on" else [1] * 6)
+    for h, (p, t) in zip(handles, jobs):
+        want = reference(bart, p, prefixes[t] if t else None, 8)
+        assert h.wait(0).token_ids == want
+        single = Engine(bart, EngineConfig(max_batch_size=2, packed_weights=packed))
+        assert run_alone_on(single, p, prefixes[t][0] if t else None, 8) == want
 
 
 def test_seeded_sampling_alone_equals_mixed(bart, inputs, prefixes):
@@ -182,10 +215,10 @@ def test_kv_budget_counts_the_cross_slots_admitted_rows_need(bart, inputs):
     assert [h.wait(0).token_ids for h in both + [first, second]] == [
         run_alone(bart, p, None, 6) for p in (inputs[0], short, short, long)]
 
-@pytest.mark.slow
-def test_bart_base_shape_mixed_batch_equals_reference(inputs):
-    """bart-base's shape (6+6 layers, 12 heads of 64, vocabulary 50265; random weights, init_std 0.1 so that greedy
-    choices are not all EOS): three tasks and the bare model in one batch == the reference, row by row."""
+@pytest.fixture(scope="module")
+def bart_base_shape():
+    """bart-base's shape (6+6 layers, 12 heads of 64, vocabulary 50265) with random weights, init_std 0.1 so that
+    greedy choices are not all EOS; such a model turns last-bit differences into other tokens."""
     from transformers import BartForConditionalGeneration
 
     from bench.common import bart_base_config
@@ -197,15 +230,41 @@ def test_bart_base_shape_mixed_batch_equals_reference(inputs):
                          torch.float32)
     assert (loaded.spec.num_encoder_layers, loaded.spec.num_layers, loaded.spec.num_kv_heads,
             loaded.spec.head_dim) == (6, 6, 12, 64)
-    tasks = [make_prefix(loaded, name, seed) for seed, name in enumerate(["all-zero", "all-after", "dec"])] + [None]
-    engine = Engine(loaded, EngineConfig(max_batch_size=4))
-    handles = [engine.submit(p, SamplingParams(max_new_tokens=6, ignore_eos=True), t[0] if t else None)
-               for p, t in zip(inputs, tasks)]
+    return loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", ["off", "on"])
+def test_bart_base_shape_mixed_batch_equals_reference(bart_base_shape, inputs, packed):
+    """Three tasks and the bare model in one batch, three rows with inputs of one length. With the model's own
+    layers ("off") every row == the reference (HF's layers, unbatched). Prepacked weights ("on") round differently
+    from HF's layers and this model turns that into other tokens, so there each row == the same request alone on
+    packed weights, with the inputs of one length encoded together."""
+    from server.engine.packed import packing_available
+
+    loaded = bart_base_shape
+    if packed == "on" and not packing_available(loaded.device, loaded.dtype):
+        pytest.skip("this torch build has no oneDNN")
+    tasks = {name: make_prefix(loaded, name, seed) for seed, name in enumerate(["all-zero", "all-after", "dec"])}
+    jobs = [(inputs[0], "all-zero"), (inputs[2], "all-after"), (inputs[0], "dec"), (inputs[0], None),
+            (inputs[4], "dec")]
+    engine = Engine(loaded, EngineConfig(max_batch_size=8, packed_weights=packed))
+    blocks: list[int] = []
+    encode = engine.runner._encode
+    engine.runner._encode = lambda rows: (blocks.append(len(rows)), encode(rows))[1]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    handles = [engine.submit(p, params, tasks[t][0] if t else None) for p, t in jobs]
     while not all(h.done for h in handles):
         engine.step()
     got = [h.wait(0).token_ids for h in handles]
-    assert got == [reference(loaded, p, t, 6) for p, t in zip(inputs, tasks)]
-    assert any(g != reference(loaded, p, None, 6) for g, p in zip(got[:3], inputs))
+    if packed == "off":
+        assert blocks == [1] * 5
+        assert got == [reference(loaded, p, tasks[t] if t else None, 6) for p, t in jobs]
+    else:
+        assert sorted(blocks) == [1, 1, 1, 2]  # inputs[0] with no encoder prefix ("dec" and the bare model)
+        alone = Engine(loaded, EngineConfig(max_batch_size=2, packed_weights="on"))
+        assert got == [run_alone_on(alone, p, tasks[t][0] if t else None, 6) for p, t in jobs]
+    assert any(g != reference(loaded, p, None, 6) for g, (p, _) in zip(got[:3], jobs))
 
 
 def test_encoder_decoder_families_without_a_runner_are_refused():
