@@ -89,7 +89,9 @@ def bench(loaded: LoadedModel, args, tmp: Path) -> dict:
     jobs = workload(args.requests, args.tasks, loaded.spec.vocab_size, args.prompt_len)
     one_task = [Job(j.prompt, 0) for j in jobs]
     peft = load_peft(loaded, adapters)
-    engine = Engine(loaded, EngineConfig(max_batch_size=max(64, args.requests)))
+    # the KV buffers stay grown between scenarios (as under steady load): with the default 5 s idle release, an
+    # engine scenario that follows a PEFT one (15-40 s) would regrow them, and pay page faults the others do not
+    engine = Engine(loaded, EngineConfig(max_batch_size=max(64, args.requests), idle_release_s=3600))
     engine.start()
     run_engine(engine, jobs, li_prefixes, 4)  # warm-up: grow the caches, touch every code path
     new = args.new_tokens
