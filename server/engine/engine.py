@@ -397,6 +397,9 @@ class Engine:
                                               req.prefix.version if req.prefix else None, req.submitted_at,
                                               r.first_token_at, now, error), self._outbox)
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        with self._cv:  # the tenants stay active a while (reserved rows): their next request may be on its way
+            for tenant in {r.request.tenant for r in rows}:
+                self._pending.seen(tenant, now)
 
     def _fail_all(self, error: str) -> None:
         running = {id(r.handle) for r in self.batch.all_rows()}

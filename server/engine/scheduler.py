@@ -44,7 +44,8 @@ class FairQueue:
         self._floor = 0.0  # counter of the tenant admitted last: the lift when nobody is backlogged
         self._arrivals = itertools.count()
         self._len = 0
-        self._last_push: dict[str, float] = {}  # tenant -> when it last queued a request (monotonic seconds)
+        # tenant -> when it last queued a request or had one end (monotonic seconds): how recently it was active
+        self._last_seen: dict[str, float] = {}
 
     def __len__(self) -> int:
         return self._len
@@ -65,7 +66,7 @@ class FairQueue:
     def push(self, handle: RequestHandle) -> None:
         """Queue a request behind its tenant's earlier ones; lift a newly backlogged tenant's counter."""
         tenant, weight = self._tenant(handle), handle.request.weight
-        self._last_push[tenant] = handle.request.submitted_at
+        self._last_seen[tenant] = max(self._last_seen.get(tenant, 0.0), handle.request.submitted_at)
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         if weight != 1.0:
@@ -95,11 +96,17 @@ class FairQueue:
         """The tenant a request is scheduled as ("" for everyone under fifo)."""
         return self._tenant(handle)
 
+    def seen(self, tenant: str, at: float) -> None:
+        """A request of `tenant` ended at `at` (a client that sends one request at a time sends its next one just
+        after): it counts as active for `active`'s window from then, not only from when it queued the request."""
+        self._last_seen[tenant] = max(self._last_seen.get(tenant, 0.0), at)
+
     def active(self, now: float, window: float) -> set[str]:
-        """Tenants with a waiting request or one queued within the last `window` seconds."""
-        if len(self._last_push) > MAX_IDLE_COUNTERS:
-            self._last_push = {t: at for t, at in self._last_push.items() if now - at <= window}
-        return set(self._queues) | {t for t, at in self._last_push.items() if now - at <= window}
+        """Tenants with a waiting request, or one that queued a request or had one end in the last `window`
+        seconds."""
+        if len(self._last_seen) > MAX_IDLE_COUNTERS:
+            self._last_seen = {t: at for t, at in self._last_seen.items() if now - at <= window}
+        return set(self._queues) | {t for t, at in self._last_seen.items() if now - at <= window}
 
     def pop(self, charge: bool = True, exclude: frozenset[str] | set[str] = frozenset()) -> RequestHandle:
         """Take the request `peek(exclude)` names; when it is admitted (`charge`), charge its tenant for its

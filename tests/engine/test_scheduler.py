@@ -197,6 +197,34 @@ def test_reserved_rows_keep_a_row_for_an_active_light_tenant(loaded, reserved):
     assert sum(1 for h in flood if h.events) == 4 - reserved
 
 
+def test_a_tenant_stays_active_for_the_window_after_its_request_ends(loaded):
+    """B sends one request at a time, each longer than the window: when one ends, B counts as active from then (its
+    next one is on its way), so A does not take the row that ending freed, and B's next request starts at once."""
+    import time
+
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=1, reserve_window_s=0.25))
+    long = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    b0 = engine.submit([21, 22], SamplingParams(max_new_tokens=3, ignore_eos=True), tenant="B", loop=None)
+    flood = [engine.submit([11, 12, 13], long, tenant="A", loop=None) for _ in range(10)]
+    engine.step()
+    assert _rows_of(engine, "A") == 3 and _rows_of(engine, "B") == 1
+    time.sleep(0.3)  # B queued b0 longer ago than the window
+    while not b0.done:
+        engine.step()
+    engine.step()
+    assert _rows_of(engine, "A") == 3 and engine.batch_size == 3  # the freed row waits for B
+    b1 = engine.submit([23, 24, 25], long, tenant="B", loop=None)
+    engine.step()
+    assert b1.events  # its first token at the next step
+    b1.cancel()
+    engine.step()  # b1 retired: B active for the window from now
+    assert _rows_of(engine, "A") == 3
+    time.sleep(0.3)
+    engine.step()
+    assert _rows_of(engine, "A") == 4  # B quiet for longer than the window: A may use every row again
+    assert not any(h.done for h in flood[:4])
+
+
 def test_a_tenant_alone_uses_every_row_and_the_reservation_lapses(loaded):
     engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=2, reserve_window_s=0.0))
     long = SamplingParams(max_new_tokens=30, ignore_eos=True)
