@@ -70,10 +70,10 @@ class Settings(BaseSettings):
     scheduler_prompt_weight: float = Field(1.0, ge=0, description="Fair scheduling between tenants: cost of a "
                                                                   "prompt token in a tenant's virtual token counter")
     scheduler_output_weight: float = Field(2.0, ge=0, description="... and of a generated token")
-    scheduler_reserved_rows: int = Field(0, ge=0, description="Fair scheduling: batch rows no tenant takes while "
-                                                              "another tenant is active (queued or sent a request "
-                                                              "in the last second), so a light tenant's next "
-                                                              "request finds a row at once; 0 = off")
+    scheduler_reserved_rows: int = Field(0, ge=0, description="Fair scheduling: rows beyond max_batch_size that "
+                                                              "only a tenant holding no row may take, so a light "
+                                                              "tenant's request starts at once while another "
+                                                              "fills the batch; 0 = off")
     auth: Literal["auto", "required"] = Field("auto", description="API keys: 'auto' = required as soon as the "
                                                                    "store holds a tenant (none: auth off, logged "
                                                                    "loudly), 'required' = always (docs/tenants.md)")

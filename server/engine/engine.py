@@ -41,9 +41,13 @@ class EngineConfig:
     prompt_token_weight: float = 1.0  # fair scheduling: cost of a prompt token in a tenant's virtual counter
     output_token_weight: float = 2.0  # ... and of a generated token (VTC's defaults: output costs twice)
     fair_scheduling: bool = True  # False: one FIFO queue whatever the tenant (a baseline)
-    reserved_rows: int = 0  # rows no tenant takes while another tenant is active (scheduler.py; fair only)
-    reserve_window_s: float = 1.0  # a tenant that queued a request this recently counts as active
+    reserved_rows: int = 0  # rows beyond max_batch_size for tenants that hold no row (scheduler.py; fair only)
     packed_weights: str = "auto"  # CPU fp32: run a copy of the model with prepacked weights (packed.py); on | off
+
+    @property
+    def row_capacity(self) -> int:
+        """Rows the running batch (and the KV cache) can hold: max_batch_size, plus the reserved rows (fair)."""
+        return self.max_batch_size + (self.reserved_rows if self.fair_scheduling else 0)
 
 
 @dataclass
@@ -67,8 +71,8 @@ class Engine:
         self.loaded, self.model, self.spec = loaded, loaded.model, loaded.spec
         self.config = config or EngineConfig()
         self.max_seq_len = min(self.config.max_seq_len, self.spec.max_positions)
-        if not 0 <= self.config.reserved_rows < self.config.max_batch_size:
-            raise ValueError(f"reserved_rows must be in [0, max_batch_size), got {self.config.reserved_rows}")
+        if not 0 <= self.config.reserved_rows <= self.config.max_batch_size:
+            raise ValueError(f"reserved_rows must be in [0, max_batch_size], got {self.config.reserved_rows}")
         self.device = loaded.device
         eos = set(self.config.eos_token_ids)
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -249,20 +253,21 @@ class Engine:
         """
         admitted: list[RequestHandle] = []
         longest, now = self.batch.longest(), time.monotonic()
-        capped: set[str] = set()  # tenants that would take a reserved row while another tenant is active
+        capped: set[str] = set()  # tenants that hold a row, once only reserved rows are left
         with self._cv:
             held = self._rows_per_tenant() if self._reserving else None
-            while self._pending and len(self.batch) + len(admitted) < self.config.max_batch_size:
+            while self._pending and len(self.batch) + len(admitted) < self.config.row_capacity:
                 h = self._pending.peek(capped)
                 if h is None:
-                    break  # only capped tenants wait: the reserved rows stay free for the others
+                    break  # only tenants that hold a row wait: the reserved rows are for the others
                 if h.request.cancelled or h.request.expired(now):
                     self._pending.pop(charge=False, exclude=capped)
                     self._finish_unstarted(h, "cancelled" if h.request.cancelled else "timeout")
                     continue
                 tenant = self._pending.tenant_of(h)
-                if held is not None and self._over_headroom(tenant, held, now):
-                    capped.add(tenant)
+                if held is not None and len(self.batch) + len(admitted) >= self.config.max_batch_size \
+                        and held.get(tenant, 0):
+                    capped.add(tenant)  # a reserved row is only for a tenant that holds none
                     continue
                 want = max(longest, self._final_length(h))
                 rows = len(self.batch) + len(admitted) + 1
@@ -283,14 +288,6 @@ class Engine:
 
     def _rows_per_tenant(self) -> dict[str, int]:
         return dict(Counter(r.request.tenant for r in self.batch.all_rows()))
-
-    def _over_headroom(self, tenant: str, held: dict[str, int], now: float) -> bool:
-        """True when one more row for `tenant` would take a reserved row while another tenant is active."""
-        if held.get(tenant, 0) + 1 <= self.config.max_batch_size - self.config.reserved_rows:
-            return False
-        others = {t for t, n in held.items() if n} | self._pending.active(now, self.config.reserve_window_s)
-        others.discard(tenant)
-        return bool(others)
 
     def _finish_unstarted(self, h: RequestHandle, reason: str, error: str | None = None) -> None:
         r = h.request
@@ -397,9 +394,6 @@ class Engine:
                                               req.prefix.version if req.prefix else None, req.submitted_at,
                                               r.first_token_at, now, error), self._outbox)
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
-        with self._cv:  # the tenants stay active a while (reserved rows): their next request may be on its way
-            for tenant in {r.request.tenant for r in rows}:
-                self._pending.seen(tenant, now)
 
     def _fail_all(self, error: str) -> None:
         running = {id(r.handle) for r in self.batch.all_rows()}

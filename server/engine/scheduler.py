@@ -8,11 +8,10 @@ tenant, requests are served first in, first out. A tenant that becomes backlogge
 counter among the backlogged tenants (or, when nobody waits, to the counter of the tenant admitted last), so time
 spent idle is not banked as credit to flood with later. Ties go to the request that arrived first.
 
-Headroom for other tenants (`reserved_rows`, off by default): with R reserved rows, no tenant takes one of the
-batch's last R rows while another tenant is active (has a row, a waiting request, or sent one in the last
-`EngineConfig.reserve_window_s` seconds). A light tenant's next request then finds a row at the next step instead of waiting for
-a flooder's row to finish; a tenant alone still uses the whole batch. The engine applies it (`Engine._admit`); this
-queue tells it who is active and lets it pass over a capped tenant (`peek(exclude=...)`).
+Reserved rows (`reserved_rows`, off by default): R rows beyond `max_batch_size` that only a tenant holding no row
+may take. A flooder holding the whole batch keeps it, and a light tenant's request still starts at the next step
+instead of waiting for one of the flood's rows to finish (rows are never preempted). The engine applies it
+(`Engine._admit`); this queue lets it pass over the tenants that hold a row (`peek(exclude=...)`).
 
 Priorities are share weights, not classes: a tenant of weight 2 is charged half per token, so while both are
 backlogged it gets twice the tokens of a tenant of weight 1; nobody is starved. A tenant's weight comes with its
@@ -44,8 +43,7 @@ class FairQueue:
         self._floor = 0.0  # counter of the tenant admitted last: the lift when nobody is backlogged
         self._arrivals = itertools.count()
         self._len = 0
-        # tenant -> when it last queued a request or had one end (monotonic seconds): how recently it was active
-        self._last_seen: dict[str, float] = {}
+
 
     def __len__(self) -> int:
         return self._len
@@ -66,7 +64,6 @@ class FairQueue:
     def push(self, handle: RequestHandle) -> None:
         """Queue a request behind its tenant's earlier ones; lift a newly backlogged tenant's counter."""
         tenant, weight = self._tenant(handle), handle.request.weight
-        self._last_seen[tenant] = max(self._last_seen.get(tenant, 0.0), handle.request.submitted_at)
         if weight <= 0:
             raise ValueError(f"weight must be > 0, got {weight}")
         if weight != 1.0:
@@ -95,18 +92,6 @@ class FairQueue:
     def tenant_of(self, handle: RequestHandle) -> str:
         """The tenant a request is scheduled as ("" for everyone under fifo)."""
         return self._tenant(handle)
-
-    def seen(self, tenant: str, at: float) -> None:
-        """A request of `tenant` ended at `at` (a client that sends one request at a time sends its next one just
-        after): it counts as active for `active`'s window from then, not only from when it queued the request."""
-        self._last_seen[tenant] = max(self._last_seen.get(tenant, 0.0), at)
-
-    def active(self, now: float, window: float) -> set[str]:
-        """Tenants with a waiting request, or one that queued a request or had one end in the last `window`
-        seconds."""
-        if len(self._last_seen) > MAX_IDLE_COUNTERS:
-            self._last_seen = {t: at for t, at in self._last_seen.items() if now - at <= window}
-        return set(self._queues) | {t for t, at in self._last_seen.items() if now - at <= window}
 
     def pop(self, charge: bool = True, exclude: frozenset[str] | set[str] = frozenset()) -> RequestHandle:
         """Take the request `peek(exclude)` names; when it is admitted (`charge`), charge its tenant for its

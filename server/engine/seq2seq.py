@@ -71,7 +71,7 @@ class Seq2SeqRunner:
         self.bias = getattr(self.model, "final_logits_bias", None)
         s = self.spec
         self.cache = Seq2SeqSlotCache(s.num_layers, s.num_kv_heads, s.head_dim, self.device, self.dtype,
-                                      max_rows=config.max_batch_size, max_len=max_seq_len + 1,
+                                      max_rows=config.row_capacity, max_len=max_seq_len + 1,
                                       cross_max_len=2 * max_seq_len)
         self.cache.prefetch_limit = config.kv_cache_bytes  # grow decoder rows ahead of time (kv_cache.py)
         gen, cfg = getattr(self.model, "generation_config", None), self.model.config

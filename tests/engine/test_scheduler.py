@@ -179,64 +179,44 @@ def _rows_of(engine: Engine, tenant: str) -> int:
 
 
 @pytest.mark.parametrize("reserved", [1, 0])
-def test_reserved_rows_keep_a_row_for_an_active_light_tenant(loaded, reserved):
-    """Batch 4, A floods, B is active: with one reserved row A holds at most 3 rows and B's next request starts at
-    the next step, ahead of A's backlog; without (control) A fills the batch and B waits for one of A's rows."""
-    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=reserved, reserve_window_s=60))
+def test_a_reserved_row_starts_a_light_request_at_once_while_a_flood_holds_the_batch(loaded, reserved):
+    """Batch 4, A floods and holds all 4 rows: with one reserved row B's request starts at the next step in a fifth
+    row, and so does B's next one after the first ends (A refilled nothing beyond its 4); without (control) B waits
+    for one of A's rows. A never takes the reserved row."""
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=reserved))
+    assert engine.cache.max_rows == 4 + reserved
     long = SamplingParams(max_new_tokens=30, ignore_eos=True)
-    b0 = engine.submit([21, 22], SamplingParams(max_new_tokens=1, ignore_eos=True), tenant="B", loop=None)
-    engine.step()  # B's one-token request runs and finishes: B is idle now, but sent a request within the window
-    assert b0.done and engine.batch_size == 0
     flood = [engine.submit([11, 12, 13], long, tenant="A", loop=None) for _ in range(10)]
     for _ in range(3):
         engine.step()
-    assert _rows_of(engine, "A") == 4 - reserved and engine.batch_size == 4 - reserved
-    b1 = engine.submit([23, 24, 25], long, tenant="B", loop=None)
-    engine.step()
-    assert bool(b1.events) == bool(reserved)  # with the reserved row, B's request got its first token at once
-    assert sum(1 for h in flood if h.events) == 4 - reserved
-
-
-def test_a_tenant_stays_active_for_the_window_after_its_request_ends(loaded):
-    """B sends one request at a time, each longer than the window: when one ends, B counts as active from then (its
-    next one is on its way), so A does not take the row that ending freed, and B's next request starts at once."""
-    import time
-
-    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=1, reserve_window_s=0.25))
-    long = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    b0 = engine.submit([21, 22], SamplingParams(max_new_tokens=3, ignore_eos=True), tenant="B", loop=None)
-    flood = [engine.submit([11, 12, 13], long, tenant="A", loop=None) for _ in range(10)]
-    engine.step()
-    assert _rows_of(engine, "A") == 3 and _rows_of(engine, "B") == 1
-    time.sleep(0.3)  # B queued b0 longer ago than the window
-    while not b0.done:
+    assert _rows_of(engine, "A") == 4 and engine.batch_size == 4
+    for n in (3, 5):  # one light request, then the next just after it ends
+        b = engine.submit([23, 24, 25], SamplingParams(max_new_tokens=n, ignore_eos=True), tenant="B", loop=None)
         engine.step()
-    engine.step()
-    assert _rows_of(engine, "A") == 3 and engine.batch_size == 3  # the freed row waits for B
-    b1 = engine.submit([23, 24, 25], long, tenant="B", loop=None)
-    engine.step()
-    assert b1.events  # its first token at the next step
-    b1.cancel()
-    engine.step()  # b1 retired: B active for the window from now
-    assert _rows_of(engine, "A") == 3
-    time.sleep(0.3)
-    engine.step()
-    assert _rows_of(engine, "A") == 4  # B quiet for longer than the window: A may use every row again
-    assert not any(h.done for h in flood[:4])
+        assert bool(b.events) == bool(reserved)  # with the reserved row, its first token at once
+        assert _rows_of(engine, "A") == 4 and engine.batch_size == 4 + bool(reserved)
+        if not reserved:
+            break
+        while not b.done:
+            engine.step()
+            assert _rows_of(engine, "A") == 4
+    assert sum(1 for h in flood if h.events) == 4 and not any(h.done for h in flood)
 
 
-def test_a_tenant_alone_uses_every_row_and_the_reservation_lapses(loaded):
-    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=2, reserve_window_s=0.0))
+def test_reserved_rows_are_only_for_tenants_that_hold_none(loaded):
+    """Two reserved rows: a tenant alone uses max_batch_size rows, never the reserved ones; B and C, holding none,
+    take one each; B's second request waits for a row like anyone's."""
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=2))
     long = SamplingParams(max_new_tokens=30, ignore_eos=True)
     flood = [engine.submit([11, 12, 13], long, tenant="A", loop=None) for _ in range(6)]
     engine.step()
-    assert _rows_of(engine, "A") == 4  # nobody else active: no row held back
-    b = engine.submit([5, 6], long, tenant="B", loop=None)  # B waits (all rows busy) and is active while it waits
-    for _ in range(40):
-        engine.step()
-        if b.events:
-            break
-    assert b.events and _rows_of(engine, "A") <= 2  # while B runs, A may not take the 2 reserved rows
-    assert all(h.done or h.events for h in flood[:4])
+    assert _rows_of(engine, "A") == 4 and engine.batch_size == 4  # the 2 reserved rows stay free
+    b = [engine.submit([5, 6], long, tenant="B", loop=None) for _ in range(2)]
+    c = engine.submit([7, 8], long, tenant="C", loop=None)
+    engine.step()
+    assert bool(b[0].events) and bool(c.events) and not b[1].events
+    assert (_rows_of(engine, "A"), _rows_of(engine, "B"), _rows_of(engine, "C")) == (4, 1, 1)
+    assert not any(h.done for h in flood[:4])
     with pytest.raises(ValueError, match="reserved_rows"):
-        Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=4))
+        Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=5))
+    assert Engine(loaded, EngineConfig(max_batch_size=4, reserved_rows=2, fair_scheduling=False)).cache.max_rows == 4
