@@ -6,15 +6,15 @@
 Two tenants with API keys on one server. The light tenant sends one streamed request at a time (N new tokens,
 EOS ignored) and we record its latency (TTFT, time per output token, total). First alone (unloaded), then while
 the flooder keeps `--flood` requests in flight (M new tokens each, resubmitted as they finish; its
-concurrent_requests quota is `--flood-cap`, so the rest get 429 and retry after Retry-After). Each configuration
-runs on a fresh server:
+concurrent_requests quota is `--flood-cap`, so the rest get 429 and retry after Retry-After). The flooder runs in a
+process of its own, as another tenant's client would. Each configuration runs on a fresh server:
 
 - fifo      : --scheduler fifo, flood cap `--flood-cap` (hundreds queued): the baseline (only `--fifo-light`
               light requests: each waits for the whole flood queue);
 - fair      : --scheduler fair (virtual token counter), same cap;
 - fair+cap  : fair, and the flooder capped below the batch size (`--batch / 2` requests in flight);
-- fair+reserve: fair, the fair config's cap, and one batch row reserved (--scheduler-reserved-rows 1: no tenant
-              takes the last row while another is active, so the light tenant's request finds a row at once).
+- fair+reserve: fair, the fair config's cap, and one reserved row (--scheduler-reserved-rows 1: a row beyond the
+              batch that only a tenant holding no row may take, so the light tenant's request finds a row at once).
 
 Prints, per configuration, the light tenant's p50/p99 latency loaded vs unloaded and their ratio, the flooder's
 completed requests and 429s; writes bench/out/fairness.json and, with matplotlib, bench/out/fairness.png.
@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
 import subprocess
 import sys
 import tempfile
@@ -108,28 +109,55 @@ async def flooder(url: str, key: str, inflight: int, new: int, stop: asyncio.Eve
         await asyncio.gather(*workers, return_exceptions=True)
 
 
-async def queue_depth(url: str) -> float:
-    """prefixserve_queue_depth from /metrics."""
+def flood_process(url: str, key: str, inflight: int, new: int, stop, out) -> None:
+    """The flooder in a process of its own (its own event loop and core time, as another tenant's client would
+    be): runs until `stop` (a multiprocessing Event) is set, then puts its counts on `out`."""
+    async def run() -> None:
+        done, stats = asyncio.Event(), {}
+        flood = asyncio.ensure_future(flooder(url, key, inflight, new, done, stats))
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        done.set()
+        await flood
+        out.put(stats)
+    asyncio.run(run())
+
+
+async def gauge(url: str, name: str) -> float:
+    """An unlabelled gauge from /metrics (prefixserve_queue_depth, prefixserve_batch_size)."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as c:
         for line in (await c.get("/metrics")).text.splitlines():
-            if line.startswith("prefixserve_queue_depth "):
+            if line.startswith(f"{name} "):
                 return float(line.split()[1])
     return 0.0
 
 
+async def queue_depth(url: str) -> float:
+    """prefixserve_queue_depth from /metrics."""
+    return await gauge(url, "prefixserve_queue_depth")
+
+
 async def loaded_series(url: str, keys: dict[str, str], prompts: list[str], args, flood_cap: int) -> dict:
-    """The light series while the flooder runs (it starts first and fills the queue up to its quota)."""
-    stop, stats = asyncio.Event(), {}
-    flood = asyncio.ensure_future(flooder(url, keys["flood"], args.flood, args.flood_new, stop, stats))
+    """The light series while the flooder runs in its own process (it starts first and fills the queue up to its
+    quota). In one event loop with the flood's hundreds of connections, the light client's own requests would wait
+    behind them in the benchmark's client: that is not the server's latency."""
+    ctx = multiprocessing.get_context("spawn")
+    stop, counts = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=flood_process, args=(url, keys["flood"], args.flood, args.flood_new, stop, counts),
+                       daemon=True)
+    proc.start()
     want = min(flood_cap, args.flood) - args.batch  # queued once the flooder holds its quota
+    rows = min(flood_cap, args.flood, args.batch)  # rows the flood holds once it runs
     deadline = time.monotonic() + 120
-    while await queue_depth(url) < want * 0.9 and time.monotonic() < deadline:
+    while (await queue_depth(url) < want * 0.9 or await gauge(url, "prefixserve_batch_size") < rows) \
+            and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     depth = await queue_depth(url)
     light = await light_series(url, keys["light"], prompts, args.new)
     depth_after = await queue_depth(url)
     stop.set()
-    await flood
+    stats = await asyncio.to_thread(counts.get, True, 300)
+    proc.join(60)
     return {"light": light, "flood": stats, "queue_depth_at_start": depth, "queue_depth_at_end": depth_after}
 
 
