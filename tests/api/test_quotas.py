@@ -207,9 +207,17 @@ def test_concurrent_requests_across_replicas(cluster):
         release.wait(30)
         yield body[100:]
 
+    slots = redis.Redis.from_url(cluster.redis.url)
     with a, b, ThreadPoolExecutor(1) as pool:
         held = pool.submit(a.put, "/prefixes/held", content=trickle(), headers={"Content-Type": kind})
         try:
+            # the upload holds the tenant's one slot before b is asked (else b's request could take it first, and
+            # the upload be the one refused: seen on a loaded machine)
+            deadline = time.monotonic() + 10
+            while not slots.zcard(f"{cluster.prefix}:quota:conc:{a.tenant}"):
+                assert time.monotonic() < deadline and not held.done(), "the upload never took its slot"
+                time.sleep(0.02)
+
             def refused() -> tuple[bool, httpx.Response]:
                 r = b.post("/generate", json={"inputs": "hi"})
                 return r.status_code == 429 or held.done(), r
