@@ -89,11 +89,12 @@ class _Spare:
 class SlotKVCache(Cache):
     """Buffers k, v: [layers, rows, kv_heads, positions, head_dim] on the model's device."""
 
-    prefetch_limit: int | None = None  # bytes: grown buffers beyond this are never made ahead of time (None: never)
-
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device,
-                 dtype: torch.dtype, max_rows: int, max_len: int, rows: int = 1, positions: int = 256):
+                 dtype: torch.dtype, max_rows: int, max_len: int, rows: int = 1, positions: int = 256,
+                 prefetch_limit: int | None = None):
         self._shape = (num_layers, num_kv_heads, head_dim)
+        # bytes: a spare is made ahead of time only if it and the buffers held fit this (None: never)
+        self.prefetch_limit = prefetch_limit
         self.device, self.dtype = device, dtype
         self.max_rows, self.max_len = max_rows, max_len
         self._initial = (min(rows, max_rows), min(positions, max_len))

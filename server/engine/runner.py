@@ -87,8 +87,8 @@ class CausalRunner:
         # the module tree forwards run on: the model, or its copy with prepacked weights (packed.py)
         self.model = serving_model(loaded.model, loaded.device, loaded.dtype, config.packed_weights)
         self.cache = SlotKVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.device,
-                                 loaded.dtype, max_rows=config.row_capacity, max_len=max_seq_len + 1)
-        self.cache.prefetch_limit = config.kv_cache_bytes  # grow rows ahead of time within the budget (kv_cache.py)
+                                 loaded.dtype, max_rows=config.row_capacity, max_len=max_seq_len + 1,
+                                 prefetch_limit=config.kv_cache_bytes)  # rows grown ahead of time (kv_cache.py)
         self.body, self.head = self._split_head()
 
     def check(self, prompt_ids: list[int], prefix: DevicePrefix | None, max_new_tokens: int) -> None:

@@ -44,7 +44,6 @@ class FairQueue:
         self._arrivals = itertools.count()
         self._len = 0
 
-
     def __len__(self) -> int:
         return self._len
 

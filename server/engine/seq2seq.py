@@ -72,8 +72,7 @@ class Seq2SeqRunner:
         s = self.spec
         self.cache = Seq2SeqSlotCache(s.num_layers, s.num_kv_heads, s.head_dim, self.device, self.dtype,
                                       max_rows=config.row_capacity, max_len=max_seq_len + 1,
-                                      cross_max_len=2 * max_seq_len)
-        self.cache.prefetch_limit = config.kv_cache_bytes  # grow decoder rows ahead of time (kv_cache.py)
+                                      cross_max_len=2 * max_seq_len, prefetch_limit=config.kv_cache_bytes)
         gen, cfg = getattr(self.model, "generation_config", None), self.model.config
         start = getattr(gen, "decoder_start_token_id", None)
         self.start_ids = [int(start if start is not None else cfg.decoder_start_token_id)]
@@ -130,12 +129,15 @@ class Seq2SeqRunner:
         at the shapes it would alone); with the model's own layers (the plain CPU GEMM rounds differently for
         different row counts) each input is encoded on its own.
         """
-        groups: dict[tuple[int, int], list[Row]] = {}
-        for i, r in enumerate(rows):
+        if not self.rows_independent:
+            for r in rows:
+                self._encode([r])
+            return
+        groups: dict[tuple[int, int], list[Row]] = {}  # (input length, encoder prefix length) -> rows
+        for r in rows:
             p = r.request.prefix
             enc = int(p.encoder_kv.shape[3]) if p is not None and p.encoder_kv is not None else 0
-            key = (len(r.request.prompt_ids), enc) if self.rows_independent else (i, 0)
-            groups.setdefault(key, []).append(r)
+            groups.setdefault((len(r.request.prompt_ids), enc), []).append(r)
         for group in groups.values():
             self._encode(group)
 

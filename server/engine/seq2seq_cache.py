@@ -67,8 +67,10 @@ class Seq2SeqSlotCache(SlotKVCache):
     """SlotKVCache plus cross-attention slots, cross lengths and position offsets per row (module docstring)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                 max_rows: int, max_len: int, cross_max_len: int, cross_positions: int = 64):
-        super().__init__(num_layers, num_kv_heads, head_dim, device, dtype, max_rows, max_len)
+                 max_rows: int, max_len: int, cross_max_len: int, cross_positions: int = 64,
+                 prefetch_limit: int | None = None):
+        super().__init__(num_layers, num_kv_heads, head_dim, device, dtype, max_rows, max_len,
+                         prefetch_limit=prefetch_limit)
         self.cross_max_len = cross_max_len
         self._cross_initial = min(cross_positions, cross_max_len)
         self.ck = self.cv = torch.empty(0)
