@@ -44,13 +44,14 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # 3. the code
 COPY server ./server
 COPY prefix_store ./prefix_store
+COPY basemodel ./basemodel
 COPY trainer ./trainer
 RUN pip install --no-cache-dir --no-deps .
 
 # 4. the model, converted or downloaded once at build time into the cache (a volume: Docker seeds it from here)
 USER 10001:10001
 RUN if [ -n "${BAKE_MODEL}" ]; then \
-        python -c "import sys; from pathlib import Path; from server.engine.model import load_model; load_model(sys.argv[1], cache_dir=Path('/var/cache/prefixserve'))" "${BAKE_MODEL}"; \
+        python -c "import sys; from pathlib import Path; from basemodel.model import load_model; load_model(sys.argv[1], cache_dir=Path('/var/cache/prefixserve'))" "${BAKE_MODEL}"; \
     fi
 ENV PREFIXSERVE_MODEL=${BAKE_MODEL:-embedded}
 

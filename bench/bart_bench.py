@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from basemodel.convert import artifact_from_files
+from basemodel.model import LoadedModel
 from bench.common import Job, bart_base, make_adapters, workload
 from bench.engine_bench import load_peft, run_engine
 from prefix_store.artifact import build_artifact
 from prefix_store.peft_io import read_dir
-from server.engine.convert import artifact_from_files
 from server.engine.engine import Engine, EngineConfig
-from server.engine.model import LoadedModel
 from server.engine.prefix_cache import DevicePrefix
 
 logger = logging.getLogger("bench")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.model import LoadedModel, load_model, spec_from_config
+from basemodel.model import LoadedModel, load_model, spec_from_config
 
 
 def measure_matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from basemodel.convert import artifact_from_files
 from bench.common import Job, embedded, flops_per_token, gpt2_small, make_adapters, measure_matmul_peak, workload
 from prefix_store.peft_io import read_dir
-from server.engine.convert import artifact_from_files
 from server.engine.engine import Engine, EngineConfig, generate_sync
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams

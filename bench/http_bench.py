@@ -49,9 +49,9 @@ def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list
                    clients: int) -> dict[str, dict]:
     """The engine alone, two ways: `closed_loop` (C clients each submitting its next request when the previous
     ends, the arrival pattern of the HTTP run) and `all_at_once` (every request submitted together)."""
-    from server.engine.convert import artifact_from_files
+    from basemodel.convert import artifact_from_files
+    from basemodel.model import load_model
     from server.engine.engine import Engine, EngineConfig, generate_sync
-    from server.engine.model import load_model
     from server.engine.prefix_cache import PrefixCache
     from server.engine.sampling import SamplingParams
 

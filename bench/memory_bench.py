@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from basemodel.model import embedded_model_dir, spec_from_config
 from prefix_store.artifact import build_artifact
-from server.engine.model import embedded_model_dir, spec_from_config
 
 
 def proc_mem(pid: int) -> dict[str, float]:

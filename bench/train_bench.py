@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.model import load_model
+from basemodel.model import load_model
 from trainer.data import load_data
 from trainer.loop import collate, encode, lm_loss, set_seed, subsample
 from trainer.methods import METHODS, MethodConfig, TaskModel, parameter_counts

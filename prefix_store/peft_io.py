@@ -12,7 +12,7 @@ layer i therefore gets the table's layer (2 * i) mod layers, as decoder self-att
 Import applies that order (so serving equals PEFT generate); export writes the inverse where one exists.
 
 PEFT's prompt tuning saves input embeddings [P, hidden]; turning them into a KV prefix needs the model, so it is
-done by `server.engine.convert.prompt_tuning_to_kv`; this module only reads them.
+done by `basemodel.convert.prompt_tuning_to_kv`; this module only reads them.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
+from basemodel.model import load_model
 from prefix_store.base import StoreError, open_store
 from prefix_store.counters import open_counters
 from prefix_store.keys import open_key_store
@@ -19,7 +20,6 @@ from server.api.errors import install_error_handlers
 from server.api.limits import LimitSettings, RequestLimits
 from server.api.metrics import Metrics
 from server.engine.engine import Engine, EngineConfig
-from server.engine.model import load_model
 from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
 from server.tenants.audit import add_audit_file

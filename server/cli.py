@@ -30,10 +30,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
     """Validate a PEFT prefix/prompt-tuning adapter against the model and store it under a task name."""
+    from basemodel.convert import artifact_from_files
+    from basemodel.model import load_model
     from prefix_store.base import open_store, validate_task_name
     from prefix_store.peft_io import read_dir
-    from server.engine.convert import artifact_from_files
-    from server.engine.model import load_model
 
     s = _settings(args)
     validate_task_name(args.task)

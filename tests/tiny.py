@@ -13,7 +13,7 @@ import torch
 from transformers import (BartConfig, BartForConditionalGeneration, BartTokenizerFast, GPT2Config, GPT2LMHeadModel,
                           GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM)
 
-from server.engine.model import LoadedModel, spec_from_config
+from basemodel.model import LoadedModel, spec_from_config
 
 VOCAB = 50257
 EOS = 50256

@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run `prefixserve train`."""
-    from server.engine.model import load_model
+    from basemodel.model import load_model
     from trainer.data import load_data
     from trainer.loop import TrainConfig, train
 
@@ -104,7 +104,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run `prefixserve evaluate`."""
     import torch
 
-    from server.engine.model import load_model
+    from basemodel.model import load_model
     from trainer.data import load_data
     from trainer.evaluate import DEFAULT_INSTRUCTION, evaluate, load_prefix
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from basemodel.model import LoadedModel
 from prefix_store.artifact import load_dir, validate
-from server.engine.model import LoadedModel
 from trainer.data import Example, group_references, prompt_for
 from trainer.generate import generate, stop_token_ids
 from trainer.metrics import e2e_metrics

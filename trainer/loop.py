@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from basemodel.model import LoadedModel
 from prefix_store.artifact import PrefixArtifact, build_artifact, save_dir
 from prefix_store.peft_io import export_peft, write_dir
-from server.engine.model import LoadedModel
 from trainer.data import DataSplits, Example, prompt_for
 from trainer.methods import PREFIX_METHODS, MethodConfig, TaskModel, parameter_counts
 from trainer.seq2seq import Seq2SeqTaskModel, collate_seq2seq, encode_seq2seq, seq2seq_loss

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from server.engine.convert import prompt_tuning_to_kv
-from server.engine.model import LoadedModel
+from basemodel.convert import prompt_tuning_to_kv
+from basemodel.model import LoadedModel
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from basemodel.model import LoadedModel
 from prefix_store.artifact import PrefixArtifact
-from server.engine.model import LoadedModel
 from trainer.bart_prefix import apply_prefixes, generation_ids, prefix_logits
 from trainer.data import Example, prompt_for
 from trainer.generate import beam_search

@@ -8,11 +8,11 @@ from typing import Annotated, Coroutine
 
 from fastapi import Depends, Request
 
+from basemodel.model import LoadedModel
 from prefix_store.base import PrefixStore
 from server.api.errors import APIError
 from server.api.metrics import Metrics
 from server.engine.engine import Engine
-from server.engine.model import LoadedModel
 from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
 from server.tenants.directory import TenantDirectory

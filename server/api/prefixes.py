@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from basemodel.convert import artifact_from_files
 from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE, Manifest
 from prefix_store.base import (ANY_VERSION, NAMESPACE_SEP, InvalidTaskName, PrefixNotFound, StoreError,
                                VersionNotFound, validate_version)
@@ -37,7 +38,6 @@ from server.api.deps import AppState, StateDep
 from server.api.errors import APIError
 from server.api.generate import version_headers
 from server.api.service import visible_tasks
-from server.engine.convert import artifact_from_files
 from server.tenants.audit import audit
 from server.tenants.namespaces import Caller, candidates, split_ref, split_stored
 

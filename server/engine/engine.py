@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from basemodel.model import LoadedModel
 from server.engine.batch import Row, RunningBatch
-from server.engine.model import LoadedModel
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.runner import check_decoder_lengths, make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,

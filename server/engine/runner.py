@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from basemodel.model import LoadedModel
 from server.engine.kv_cache import SlotKVCache
-from server.engine.model import LoadedModel
 from server.engine.packed import serving_model
 from server.engine.prefix_cache import DevicePrefix
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from server.engine.model import LoadedModel
+from basemodel.model import LoadedModel
 from server.engine.packed import serving_model
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.runner import causal_mask, check_decoder_lengths

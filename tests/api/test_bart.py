@@ -13,9 +13,9 @@ import pytest
 import torch
 from peft import PeftModel
 
+from basemodel.model import load_model
 from prefix_store.artifact import build_artifact
 from prefix_store.peft_io import read_dir
-from server.engine.model import load_model
 from tests.api.conftest import Server, start_server, stop_server, upload
 from tests.engine.test_bart_peft import make_seq2seq_adapter
 from tests.tiny import save_tiny_model_dir

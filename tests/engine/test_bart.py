@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from basemodel.model import load_model
 from prefix_store.artifact import build_artifact, validate
 from server.engine.engine import Engine, EngineConfig, generate_sync
-from server.engine.model import load_model
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 from tests.tiny import bart_tokenizer, loaded_tiny, save_tiny_model_dir
@@ -221,8 +221,8 @@ def bart_base_shape():
     greedy choices are not all EOS; such a model turns last-bit differences into other tokens."""
     from transformers import BartForConditionalGeneration
 
+    from basemodel.model import LoadedModel, spec_from_config
     from bench.common import bart_base_config
-    from server.engine.model import LoadedModel, spec_from_config
 
     torch.manual_seed(0)
     model = BartForConditionalGeneration(bart_base_config(init_std=0.1)).eval().requires_grad_(False)
@@ -270,7 +270,7 @@ def test_bart_base_shape_mixed_batch_equals_reference(bart_base_shape, inputs, p
 def test_encoder_decoder_families_without_a_runner_are_refused():
     from transformers import MBartConfig, MBartForConditionalGeneration
 
-    from server.engine.model import LoadedModel, spec_from_config
+    from basemodel.model import LoadedModel, spec_from_config
 
     cfg = MBartConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                       decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)

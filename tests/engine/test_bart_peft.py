@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
+from basemodel.convert import artifact_from_files
 from prefix_store.artifact import ArtifactError, build_artifact
 from prefix_store.peft_io import ADAPTER_CONFIG, export_peft, parse_peft, read_dir, write_dir
-from server.engine.convert import artifact_from_files
 from server.engine.engine import Engine, EngineConfig, generate_sync
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams

@@ -5,10 +5,10 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
+from basemodel.convert import artifact_from_files
+from basemodel.model import load_model
 from prefix_store.peft_io import read_dir
-from server.engine.convert import artifact_from_files
 from server.engine.engine import Engine, EngineConfig
-from server.engine.model import load_model
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 
@@ -45,7 +45,7 @@ def smol_adapters(smol, tmp_path_factory):
 
 
 def smol_dir(smol):
-    from server.engine.model import resolve_model_path
+    from basemodel.model import resolve_model_path
     return resolve_model_path("embedded")
 
 

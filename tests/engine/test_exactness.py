@@ -5,8 +5,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+from basemodel.convert import artifact_from_files
 from prefix_store.peft_io import read_dir
-from server.engine.convert import artifact_from_files
 from server.engine.engine import Engine, EngineConfig
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from basemodel.model import LoadedModel, spec_from_config
 from server.engine.engine import Engine
-from server.engine.model import LoadedModel, spec_from_config
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from basemodel.convert import artifact_from_files
 from prefix_store.artifact import (ArtifactError, ArtifactTooLarge, Manifest, PrefixArtifact, build_artifact,
                                    load_dir, save_dir, validate)
 from prefix_store.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_peft, parse_peft, read_dir
-from server.engine.convert import artifact_from_files
 from tests.engine.conftest import make_peft_adapter
 from tests.tiny import loaded_tiny
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from basemodel.model import spec_from_config
 from prefix_store.artifact import (ArtifactError, Manifest, PrefixArtifact, build_artifact, load_dir, save_dir,
                                    tensors_sha256, validate)
-from server.engine.model import spec_from_config
 from tests.tiny import tiny_config
 
 BART = spec_from_config(tiny_config("bart", encoder_layers=3, encoder_attention_heads=2)).fingerprint()

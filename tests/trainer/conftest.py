@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 import torch
 
-from server.engine.model import LoadedModel, spec_from_config
+from basemodel.model import LoadedModel, spec_from_config
 
 
 @pytest.fixture(scope="session")

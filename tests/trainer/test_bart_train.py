@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from basemodel.model import load_model
 from prefix_store.artifact import load_dir, validate
 from server.engine.engine import Engine, EngineConfig
-from server.engine.model import load_model
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 from tests.tiny import save_tiny_model_dir

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from basemodel.convert import artifact_from_files, prompt_tuning_to_kv
 from prefix_store.artifact import build_artifact, validate
 from prefix_store.peft_io import export_peft
-from server.engine.convert import artifact_from_files, prompt_tuning_to_kv
 from trainer.generate import generate
 from trainer.loop import collate, encode, lm_loss
 from trainer.data import Example

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from server.engine.model import load_model
+from basemodel.model import load_model
 from tests.api.conftest import model_dir, start_server, stop_server  # noqa: F401 (fixture)
 from trainer.cli import main
 from trainer.evaluate import load_prefix

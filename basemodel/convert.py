@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from basemodel.model import LoadedModel
 from prefix_store.artifact import (DEFAULT_MAX_BYTES, MANIFEST_FILE, TENSORS_FILE, ArtifactError, PrefixArtifact,
                                    build_artifact, validate)
 from prefix_store.peft_io import is_peft_upload, parse_peft, prefix_tuning_to_kv
-from server.engine.model import LoadedModel
 
 
 def prompt_tuning_to_kv(loaded: LoadedModel, embeddings: torch.Tensor) -> torch.Tensor:
