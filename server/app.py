@@ -18,7 +18,7 @@ from server.api.auth import authenticate
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import LimitSettings, RequestLimits
-from server.api.metrics import Metrics
+from server.api.metrics import MetricLabels, Metrics
 from server.engine.engine import Engine, EngineConfig
 from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
@@ -30,6 +30,16 @@ from server.tiers.host import HostCache
 from server.tiers.registry import TaskRegistry
 
 logger = logging.getLogger(__name__)
+
+
+def build_metrics(settings: Settings, engine: Engine, cache: PrefixCache) -> Metrics:
+    """The app's metrics, labelled as the settings allow (a warning when private names are on an open /metrics)."""
+    labels = MetricLabels(settings.metrics_max_tenants, settings.metrics_tenant_labels,
+                          settings.metrics_task_labels == "all")
+    if (labels.tenants or labels.private_tasks) and not settings.metrics_key:
+        logger.warning("/metrics names tenants or their own tasks and needs no key: anyone who can reach it reads "
+                       "them. Set PREFIXSERVE_METRICS_KEY (Prometheus: authorization: credentials).")
+    return Metrics(engine, cache, labels)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -50,7 +60,7 @@ def build_state(settings: Settings) -> AppState:
                                          reserved_rows=settings.scheduler_reserved_rows,
                                          packed_weights=settings.packed_weights))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
-    metrics = Metrics(engine, cache, settings.metrics_max_tenants)
+    metrics = build_metrics(settings, engine, cache)
     tasks = TaskRegistry(store, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),
                          settings.max_upload_bytes, on_load=metrics.cold_load)
     metrics.add_tiers(tasks)

@@ -92,6 +92,16 @@ class Settings(BaseSettings):
                                                            "model's limit only")
     metrics_max_tenants: int = Field(100, ge=1, description="Tenants named in metric labels; the rest are "
                                                             "counted as ':other' (bounds the series)")
+    metrics_key: str = Field("", description="When set, GET /metrics needs 'Authorization: Bearer KEY' with this "
+                                             "key (or an admin API key); empty = /metrics is open. Prefer the env "
+                                             "var to the flag (flags show in `ps`)")
+    metrics_tenant_labels: bool = Field(False, description="Name tenants in the metrics' tenant labels (bounded by "
+                                                           "--metrics-max-tenants); off: every tenant with a key is "
+                                                           "counted as ':tenant'")
+    metrics_task_labels: Literal["shared", "all"] = Field("shared", description="Tasks named in the metrics' task "
+                                                                                "labels: 'shared' = shared tasks "
+                                                                                "only, a tenant's own tasks are "
+                                                                                "':private'; 'all' = every task")
     audit_log: str = Field("", description="Also append the audit log (JSON lines) to this file")
     log_level: str = Field("info", description="Logging level")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown "

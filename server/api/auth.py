@@ -8,6 +8,7 @@ and parses a route's body before it runs any dependency, so otherwise a malforme
 would be answered (422, 413) to a client without a valid key. With it, such a client gets 401 whatever its body."""
 from __future__ import annotations
 
+import hmac
 from typing import Annotated, Any, AsyncIterator, Callable, Coroutine
 
 from fastapi import Depends, Request, Response
@@ -16,6 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from server.api.deps import AppState, StateDep, get_state
 from server.api.errors import APIError
+from server.tenants.directory import Unauthorized
 from server.tenants.namespaces import Caller
 
 
@@ -95,3 +97,23 @@ def require_admin(caller: CallerDep) -> Caller:
 
 
 AdminDep = Annotated[Caller, Depends(require_admin)]
+
+
+async def metrics_reader(request: Request, state: StateDep,
+                         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
+                         api_key: Annotated[str | None, Depends(API_KEY)] = None) -> None:
+    """Let a scrape of /metrics through: anyone while no --metrics-key is set; else the metrics key (compared in
+    constant time) or, with auth on, an admin API key; 401 otherwise."""
+    wanted = state.settings.metrics_key
+    key = presented_key(bearer, api_key)
+    if not wanted or (key and hmac.compare_digest(key.encode(), wanted.encode())):
+        return
+    if key:
+        try:
+            caller = await identify(request, state)
+        except Unauthorized:
+            caller = None
+        if caller is not None and caller.admin and caller.tenant:  # a tenant's admin key, not auth off's anonymous
+            return
+    raise Unauthorized("/metrics needs the metrics key (--metrics-key) or an admin API key: send "
+                       "'Authorization: Bearer KEY'")

@@ -1,10 +1,11 @@
 """GET /health (process alive), GET /ready (model loaded, engine running; store state), GET /metrics."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.auth import metrics_reader
 from server.api.deps import StateDep
 
 router = APIRouter(tags=["health"])
@@ -33,7 +34,8 @@ async def ready(request: Request) -> JSONResponse:
                                     "host_prefixes": len(t.host)}})
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_reader)])
 async def metrics(state: StateDep) -> Response:
-    """Prometheus text format: requests, tokens, queue depth, batch size, latencies, prefix cache."""
+    """Prometheus text format: requests, tokens, queue depth, batch size, latencies, prefix cache (with
+    --metrics-key: needs that key or an admin API key as 'Authorization: Bearer KEY')."""
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,10 +1,12 @@
 """Prometheus metrics of one app (its own registry: no global state), labelled by task and tenant.
 
-Tenant labels are bounded: the first `max_tenants` tenants seen are named, later ones are counted as ':other'
-(tenants exist only when an admin creates them, so this bounds a deployment that has very many)."""
+Labels name nothing private unless the operator asks (`MetricLabels`): by default every tenant with a key is
+':tenant' and a tenant's own task is ':private' (shared tasks, the base model and ':anonymous' are named). Named
+tenants are bounded: the first `max_tenants` seen are named, later ones are counted as ':other' (tenants exist
+only when an admin creates them, so this bounds a deployment that has very many)."""
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -19,9 +21,20 @@ if TYPE_CHECKING:
 
 BASE_LABEL = ":base"  # the task label of requests without a task (':' cannot appear in a task name)
 OTHER_TENANTS = ":other"  # the tenant label past max_tenants
+TENANTS = ":tenant"  # the tenant label of every tenant with a key, unless tenants are named
+PRIVATE_TASK = ":private"  # the task label of a tenant's own task, unless every task is named
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+@dataclass(frozen=True)
+class MetricLabels:
+    """What the labels may name (the operator's choice: server settings metrics_*)."""
+
+    max_tenants: int = 100
+    tenants: bool = False  # name tenants (else every tenant with a key is TENANTS)
+    private_tasks: bool = False  # name a tenant's own tasks (else PRIVATE_TASK)
 
 
 class _EngineCollector:
@@ -101,8 +114,8 @@ class _TierCollector:
 class Metrics:
     """Request, token and latency metrics; `render()` gives the Prometheus text format."""
 
-    def __init__(self, engine: Engine, cache: PrefixCache, max_tenants: int = 100):
-        self.max_tenants = max_tenants
+    def __init__(self, engine: Engine, cache: PrefixCache, labels: MetricLabels = MetricLabels()):
+        self.labels = labels
         self._tenants: set[str] = set()
         disable_created_metrics()  # no *_created series: they double the exposition for no use here
         self.registry = CollectorRegistry()
@@ -133,18 +146,29 @@ class Metrics:
         self.prefix_load.labels(tier).observe(seconds)
 
     def tenant(self, label: str) -> str:
-        """The metric label of a tenant: its own for the first `max_tenants` seen, OTHER_TENANTS after."""
-        if label in self._tenants or not label:
+        """The metric label of a tenant: TENANTS unless tenants are named; then its own for the first
+        `max_tenants` seen, OTHER_TENANTS after ('' before authentication and ':anonymous' stay as they are)."""
+        if label in self._tenants or label in ("", ANONYMOUS_LABEL):
             return label
-        if len(self._tenants) >= self.max_tenants:
+        if not self.labels.tenants:
+            return TENANTS
+        if len(self._tenants) >= self.labels.max_tenants:
             return OTHER_TENANTS
         self._tenants.add(label)
         return label
 
+    def task(self, task: str | None, private: bool) -> str:
+        """The metric label of a task: BASE_LABEL for none, PRIVATE_TASK for a tenant's own task unless private
+        tasks are named, else its name."""
+        if not task:
+            return BASE_LABEL
+        return PRIVATE_TASK if private and not self.labels.private_tasks else task
+
     def observe(self, task: str | None, tenant: str, route: str, finish_reason: str, prompt_tokens: int,
-                generated: int, submitted_at: float, first_token_at: float | None, finished_at: float) -> None:
-        """Record one finished request."""
-        label, who = task or BASE_LABEL, self.tenant(tenant)
+                generated: int, submitted_at: float, first_token_at: float | None, finished_at: float,
+                private: bool = False) -> None:
+        """Record one finished request (`private`: `task` is the caller's own, not a shared one)."""
+        label, who = self.task(task, private), self.tenant(tenant)
         self.requests.labels(label, who, route, finish_reason).inc()
         self.prompt_tokens.labels(label, who).inc(prompt_tokens)
         self.generated_tokens.labels(label, who).inc(generated)

@@ -18,25 +18,23 @@ from server.api.text import IncrementalDecoder, StopMatcher
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.request import GenerationResult, RequestHandle
 from server.engine.sampling import SamplingParams
-from server.tenants.namespaces import Caller, candidates, public_name, split_ref
+from server.tenants.namespaces import Caller, candidates, public_name, split_ref, split_stored
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("prefixserve.requests")  # one line per finished generation, with its tenant
 RETIRED_POLL_S = 0.05  # how often an abandoned request is checked for its end (the engine retires it next step)
 
 
-async def acquire_prefix(state: AppState, caller: Caller, task: str | None) -> DevicePrefix | None:
-    """The pinned device prefix serving `task` (NAME or NAME@VERSION; None: the base model) for `caller`: their
-    own task first, then the shared one (server/tenants/namespaces.py); release it after."""
-    if not task:
-        return None
+async def acquire_prefix(state: AppState, caller: Caller, task: str) -> tuple[DevicePrefix, str]:
+    """The pinned device prefix serving `task` (NAME or NAME@VERSION) for `caller`, and its stored name: their
+    own task first, then the shared one (server/tenants/namespaces.py); release the prefix after."""
     name, version = split_ref(task)
     at = f"@{version}" if version else ""
     names = candidates(caller, name)
     for i, stored in enumerate(names):
         shadowing = i < len(names) - 1  # the caller's own name, with a shared one behind it: its absence is kept
         try:
-            return await state.tasks.acquire(stored + at, caller.namespace_version if shadowing else None)
+            return await state.tasks.acquire(stored + at, caller.namespace_version if shadowing else None), stored
         except PrefixNotFound:  # StoreError -> 503
             continue
     raise VersionNotFound(name, version) if version else PrefixNotFound(name)  # named as the caller named it
@@ -93,6 +91,7 @@ class Generation:
     stops: list[str]
     caller: Caller
     reserved: int = 0  # tokens_per_minute reserved at admission (unused ones are refunded at the end)
+    private: bool = False  # the task is a tenant's own (metrics do not name it unless the operator asks)
     decoder: IncrementalDecoder = field(init=False)
     matcher: StopMatcher = field(init=False)
     emitted: list[TokenOut] = field(default_factory=list)
@@ -177,7 +176,7 @@ class Generation:
         used = r.prompt_tokens + generated if generated else 0
         reason = self.finish_reason or r.finish_reason
         self.state.metrics.observe(self.task, self.caller.label, self.route, reason, r.prompt_tokens, generated,
-                                   r.submitted_at, r.first_token_at, r.finished_at)
+                                   r.submitted_at, r.first_token_at, r.finished_at, private=self.private)
         request_log.info("tenant=%s task=%s route=%s finish=%s prompt_tokens=%d generated=%d seconds=%.3f",
                          self.caller.label, self.task or "-", self.route, reason, r.prompt_tokens, generated,
                          r.finished_at - r.submitted_at)
@@ -230,10 +229,11 @@ async def start(state: AppState, caller: Caller, started: Started, task: str | N
     prefix is released, the tokens given back and the error raised. The generation joins `started`."""
     state.quotas.check_lengths(caller, len(prompt_ids), params.max_new_tokens)
     reserved = await state.quotas.reserve_tokens(caller, len(prompt_ids) + params.max_new_tokens)
-    prefix = None
+    prefix, stored = None, None
     name = task.partition("@")[0] if task else None  # metrics and engine tags by name, not by version
     try:
-        prefix = await acquire_prefix(state, caller, task)
+        if task:
+            prefix, stored = await acquire_prefix(state, caller, task)
         handle = state.engine.submit(prompt_ids, params, prefix, tag=name or "", tenant=caller.tenant,
                                      weight=caller.limits.weight)
     except BaseException as e:
@@ -243,7 +243,9 @@ async def start(state: AppState, caller: Caller, started: Started, task: str | N
         if isinstance(e, ValueError):
             raise validation(str(e)) from None
         raise
-    gen = Generation(state, handle, name, route, prefix.version if prefix else None, stops, caller, reserved)
+    private = stored is not None and split_stored(stored)[0] is not None
+    gen = Generation(state, handle, name, route, prefix.version if prefix else None, stops, caller, reserved,
+                     private)
     started.generations.append(gen)
     return gen
 

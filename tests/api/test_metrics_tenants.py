@@ -1,5 +1,6 @@
 """Per-tenant queue depth in /metrics on the real server: `prefixserve_tenant_queue_depth{tenant}` counts each
-tenant's waiting requests, its labels bounded by --metrics-max-tenants (later tenants summed as ':other'), and a
+tenant's waiting requests (tenants named, as --metrics-tenant-labels asks), its labels bounded by
+--metrics-max-tenants (later tenants summed as ':other'), and a
 tenant once shown stays at 0 when nothing of its waits. With --scheduler fifo (one queue, tenants not kept apart)
 it has no values rather than wrong ones."""
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _server_with_tenants(model_dir: Path, tmp_path: Path, tenants: str,
                          **settings) -> tuple[Server, dict[str, dict[str, str]]]:
     """A server with batch size 1 and a key for each tenant (one letter each): (server, {tenant: headers})."""
     keys = {t: make_key(str(tmp_path / "store"), t) for t in tenants}
-    s = start_server(model_dir, tmp_path, max_batch_size=1, max_seq_len=CONTEXT, **settings)
+    s = start_server(model_dir, tmp_path, max_batch_size=1, max_seq_len=CONTEXT, metrics_tenant_labels="true",
+                     **settings)
     return s, {t: {"Authorization": f"Bearer {k}"} for t, k in keys.items()}
 
 

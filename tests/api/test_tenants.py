@@ -1,7 +1,8 @@
 """Two tenants and an admin on two real replicas sharing a Redis the test owns: namespaces keep every tenant's
 private prefixes its own (404 on every cross-tenant path, nothing changed), shared tasks resolve after the
 caller's own, admins reach everything, a revoked key fails at once on the other replica, metrics and the audit log
-carry the tenant."""
+carry the tenant, and /metrics names tenants and their own tasks only where the operator asks (replica a: the
+default labels behind a metrics key; replica b: every name, open)."""
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +24,9 @@ from tests.api.conftest import Server, native_files, peft_adapter, start_server,
 from tests.prefix_store.conftest import RedisServer
 
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
+METRICS_KEY = "scrape-" + uuid.uuid4().hex
+REPLICA_SETTINGS = {"a": {"metrics_key": METRICS_KEY},
+                    "b": {"metrics_tenant_labels": "true", "metrics_task_labels": "all"}}
 
 
 @dataclass
@@ -64,7 +68,7 @@ def tenants(model_dir, tmp_path_factory) -> Iterator[Tenants]:
         for name in ("a", "b"):
             (root / name).mkdir()
             servers.append(start_server(model_dir, root / name, store=url, max_seq_len=128,
-                                        max_new_tokens_default=2))
+                                        max_new_tokens_default=2, **REPLICA_SETTINGS[name]))
         with servers[0].client(headers={"Authorization": f"Bearer {keys['ops']}"}) as ops:
             for who in ("alice", "bob"):
                 r = ops.post("/admin/keys", json={"tenant": who})
@@ -196,11 +200,44 @@ def _audit(server: Server) -> list[dict]:
             if "prefixserve.audit: " in line]
 
 
+def _labels(metrics: str, name: str) -> list[set[str]]:
+    return [set(re.findall(r'\w+="[^"]*"', x)) for x in metrics.splitlines() if x.startswith(name + "{")]
+
+
+def test_metrics_name_tenants_and_their_tasks_only_where_asked(tenants):
+    t = tenants
+    with t.client("alice") as alice, t.client("alice", "b") as alice_b:
+        assert upload(alice, "hidden-task", native_files(t.base_model, 30)).status_code == 201
+        for c in (alice, alice_b):
+            assert _served(c, "hidden-task")[0] == 200 and _served(c, "common")[0] == 200
+        assert alice.get("/metrics").status_code == 401  # a tenant's key is not enough
+    with t.a.client() as anyone:
+        refused = anyone.get("/metrics")
+        assert refused.status_code == 401 and "metrics key" in refused.json()["error"]
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        assert anyone.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        scraped = anyone.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+        assert scraped.status_code == 200
+        by_admin = anyone.get("/metrics", headers={"X-API-Key": t.keys["ops"]})
+        assert by_admin.status_code == 200
+    for text in (scraped.text, by_admin.text):
+        assert "hidden-task" not in text and "alice" not in text and "bob" not in text
+        series = _labels(text, "prefixserve_requests_total")
+        assert {'task=":private"', 'tenant=":tenant"'} <= set().union(*series)
+        assert any({'task="common"', 'tenant=":tenant"'} <= x for x in series), series
+    with t.b.client() as anyone:  # b names everything, as its operator asked (and warns that it is open)
+        named = _labels(anyone.get("/metrics").text, "prefixserve_requests_total")
+    assert any({'task="hidden-task"', 'tenant="alice"'} <= x for x in named), named
+    assert "/metrics names tenants or their own tasks and needs no key" in t.b.log.read_text()
+    assert "needs no key" not in t.a.log.read_text()
+
+
 def test_metrics_logs_and_audit_carry_the_tenant(tenants):
     t = tenants
-    with t.client("alice") as alice:
+    with t.client("alice", "b") as alice:
         assert _served(alice, "common")[0] == 200
         metrics = alice.get("/metrics").text
+    with t.client("alice") as alice:
         v1 = upload(alice, "audited", native_files(t.base_model, 40)).json()["version"]
         v2 = upload(alice, "audited", native_files(t.base_model, 41)).json()["version"]
         assert alice.post("/prefixes/audited/rollback", json={"version": v1}).status_code == 200
@@ -209,7 +246,7 @@ def test_metrics_logs_and_audit_carry_the_tenant(tenants):
               if x.startswith("prefixserve_requests_total{")]
     assert {'task="common"', 'tenant="alice"', 'route="generate"'} in [x - {'finish_reason="length"'}
                                                                        for x in series], series
-    assert "tenant=alice task=common route=generate" in t.a.log.read_text()
+    assert "tenant=alice task=common route=generate" in t.b.log.read_text()
     events = [(e["event"], e.get("version"), e.get("previous")) for e in _audit(t.a)
               if e.get("task") == "audited"]
     assert events == [("prefix.put", v1, None), ("prefix.put", v2, v1), ("prefix.rollback", v1, None),
