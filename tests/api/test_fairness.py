@@ -21,7 +21,7 @@ FLOOD, CAP = 60, 40
 
 
 def cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "prefixserve.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -26,7 +26,7 @@ EXAMPLES = 12  # per operation: the whole run stays well under a minute
 def fuzzed(model_dir, tmp_path_factory) -> Iterator[tuple[Server, str]]:
     """A server with auth on (an admin key made with the CLI before it starts), short contexts and deadlines."""
     work = tmp_path_factory.mktemp("fuzz")
-    made = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--tenant", "ops", "--admin",
+    made = subprocess.run([sys.executable, "-m", "prefixserve.cli", "keys", "create", "--tenant", "ops", "--admin",
                            "--store", str(work / "store")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]

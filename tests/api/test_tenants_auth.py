@@ -22,7 +22,7 @@ BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """Run `prefixserve ARGS` (the real command line) and return the finished process."""
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "prefixserve.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
 
 

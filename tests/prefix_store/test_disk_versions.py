@@ -6,7 +6,7 @@ import json
 
 from prefix_store.base import open_store
 from prefix_store.disk import DiskStore
-from server.cli import main
+from prefixserve.cli import main
 from tests.prefix_store.conftest import SHARED_REDIS, art, tensors
 
 
