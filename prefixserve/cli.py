@@ -1,4 +1,5 @@
-"""The `prefixserve` command line: serve, store management, and (from trainer/) train and evaluate."""
+"""The `prefixserve` command: store management here; serve, keys and tenants from server/, train and evaluate from
+trainer/ (this package sits above both, so neither imports the other)."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +8,14 @@ import json
 import logging
 import os
 import sys
-from importlib import import_module
 
+from server import serve_cli
 from server.settings import Settings
+from server.tenants import cli as tenants_cli
+from trainer import cli as trainer_cli
 
 # Modules that add their own subcommands with register(subparsers).
-_PLUGINS = ("server.serve_cli", "server.tenants.cli", "trainer.cli")
+_SUBCOMMANDS = (serve_cli, tenants_cli, trainer_cli)
 
 
 def _store_arg(p: argparse.ArgumentParser) -> None:
@@ -23,11 +26,6 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model id or directory (env PREFIXSERVE_MODEL)")
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    over = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**over)
-
-
 def cmd_import_peft(args: argparse.Namespace) -> int:
     """Validate a PEFT prefix/prompt-tuning adapter against the model and store it under a task name."""
     from basemodel.convert import artifact_from_files
@@ -35,7 +33,7 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     from prefix_store.base import open_store, validate_task_name
     from prefix_store.peft_io import read_dir
 
-    s = _settings(args)
+    s = Settings.from_args(args)
     validate_task_name(args.task)
     loaded = load_model(s.model, device=s.device, dtype=s.dtype)
     art = artifact_from_files(read_dir(args.dir), loaded, max_bytes=s.max_upload_bytes,
@@ -53,7 +51,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     from prefix_store.base import open_store
     from prefix_store.peft_io import export_peft, write_dir
 
-    s = _settings(args)
+    s = Settings.from_args(args)
     manifest, tensors = asyncio.run(open_store(s.store).get(args.task))
     art = PrefixArtifact.from_bytes(manifest.to_json(), tensors, s.max_upload_bytes)
     out = write_dir(export_peft(art, base_model_name=s.model), args.out)
@@ -65,7 +63,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """List stored prefixes (one JSON object per line)."""
     from prefix_store.base import open_store
 
-    s = _settings(args)
+    s = Settings.from_args(args)
     for name, m in asyncio.run(open_store(s.store).list()).items():
         print(json.dumps({"task": name, "version": m.sha256, "prefix_length": m.prefix_length,
                           "source": m.source, "description": m.description}))
@@ -122,13 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.set_defaults(func=cmd_store_copy)
 
-    for mod in _PLUGINS:
-        try:
-            module = import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
+    for module in _SUBCOMMANDS:
         module.register(sub)
     return parser
 

@@ -27,19 +27,13 @@ def add_settings_flags(p: argparse.ArgumentParser) -> None:
                        default=argparse.SUPPRESS, help=f"{f.description} (env PREFIXSERVE_{name.upper()})")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, overridden by the flags given."""
-    over = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**over)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Build the app and serve it with uvicorn until SIGINT/SIGTERM."""
     import uvicorn
 
     from server.app import create_app
 
-    s = settings_from_args(args)
+    s = Settings.from_args(args)
     logging.getLogger().setLevel(s.log_level.upper())
     config = uvicorn.Config(create_app(s), host=s.host, port=s.port, log_level=s.log_level.lower(),
                             timeout_graceful_shutdown=int(s.shutdown_timeout) or None, access_log=False)

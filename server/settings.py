@@ -1,6 +1,7 @@
 """All server settings in one place: environment variables PREFIXSERVE_<NAME>, overridable by CLI flags."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Literal
 
@@ -106,3 +107,8 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Logging level")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown "
                                                             "before they are cancelled")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        """Settings from the environment, overridden by the command-line flags given (unset flags: None or absent)."""
+        return cls(**{k: v for k, v in vars(args).items() if k in cls.model_fields and v is not None})

@@ -21,7 +21,7 @@ def _run(args: argparse.Namespace, work: Callable[[TenantDirectory], Awaitable[A
     from prefix_store.keys import open_key_store
     from server.tenants.limits import Limits
 
-    settings = Settings(**({"store": args.store} if args.store else {}))
+    settings = Settings.from_args(args)
 
     async def run() -> Any:
         store = open_store(settings.store)
