@@ -175,19 +175,3 @@ def store_options(url: str) -> tuple[str, dict[str, str]]:
     options = {k: v for k, v in query if k in ours}
     rest = "&".join(f"{k}={v}" for k, v in query if k not in ours)
     return parts._replace(query=rest).geturl(), options
-
-
-def open_store(url: str, **options: Any) -> PrefixStore:
-    """Open a store: a directory path or file:// URL is a disk store, redis:// or rediss:// a Redis store."""
-    if url.startswith(("redis://", "rediss://")):
-        from prefix_store.redis import RedisStore
-
-        return RedisStore(url, **options)
-    from prefix_store.disk import DiskStore
-
-    if url.startswith("file://"):
-        path, opts = store_options(url[len("file://"):])
-        return DiskStore(path, **{**opts, **options})
-    if "://" in url:
-        raise ValueError(f"unsupported store URL {url!r}: give a directory path, file://DIR, redis:// or rediss://")
-    return DiskStore(url, **options)

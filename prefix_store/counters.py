@@ -1,22 +1,16 @@
 """Counters for quotas in the store's backend: token buckets, concurrency slots and locks.
 
-In process for a disk store (each replica counts alone); on Redis every operation is one atomic Lua script using
-the server's clock, so the limits hold across every replica sharing the Redis:
-
-    P:quota:<key>     hash {tokens, ts}: a token bucket (expires once it would be full again)
-                      zset request id -> expiry: concurrency slots (a slot of a replica that died expires)
-                      string: a lock token (SET NX PX)
+In process for a disk store (`LocalCounters`: each replica counts alone); on Redis (prefix_store/redis_counters.py)
+every operation is one atomic Lua script on the server's clock, so the limits hold across every replica sharing
+the Redis. `open_backend` (prefix_store/backend.py) gives each backend's counters.
 """
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Protocol
-
-from prefix_store.base import PrefixStore, StoreUnavailable
 
 
 class Counters(Protocol):
@@ -88,83 +82,3 @@ class LocalCounters:
         """An asyncio lock per key."""
         async with self._locks[key]:
             yield
-
-
-# ARGV: prefix, key, rate, capacity, cost. Returns the wait in seconds as a string ("0" when taken).
-TAKE = """
-local k, rate, cap, cost = ARGV[1]..':quota:'..ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local v = redis.call('HMGET', k, 'tokens', 'ts')
-local tokens, ts = tonumber(v[1]) or cap, tonumber(v[2]) or now
-tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
-local wait = 0
-if cost <= tokens or cost < 0 then tokens = math.min(cap, tokens - cost) else wait = (cost - tokens) / rate end
-redis.call('HSET', k, 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', k, math.ceil((cap - tokens) / rate * 1000) + 1000)
-return tostring(wait)
-"""
-
-# ARGV: prefix, key, limit, member, ttl seconds. Returns 1 (slot held) or 0 (all held).
-ENTER = """
-local k, limit, member, ttl = ARGV[1]..':quota:'..ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-if redis.call('ZCARD', k) >= limit then return 0 end
-redis.call('ZADD', k, now + ttl, member)
-redis.call('EXPIRE', k, math.ceil(ttl) + 1)
-return 1
-"""
-
-# ARGV: prefix, key, token. Deletes the lock only if this holder still owns it.
-UNLOCK = """
-local k = ARGV[1]..':quota:'..ARGV[2]
-if redis.call('GET', k) == ARGV[3] then return redis.call('DEL', k) end
-return 0
-"""
-
-
-class RedisCounters:
-    """Counters in Redis on the prefix store's connection pool (see the module docstring)."""
-
-    def __init__(self, store: Any):
-        self._store = store  # a RedisStore
-        self._scripts = {n: store._client.register_script(s) for n, s in (("take", TAKE), ("enter", ENTER),
-                                                                          ("unlock", UNLOCK))}
-
-    async def _run(self, script: str, *args: Any) -> Any:
-        return await self._store._call(self._scripts[script](args=[self._store.prefix, *args]))
-
-    async def take(self, key: str, rate: float, capacity: float, cost: float) -> float:
-        """One atomic script on Redis's clock."""
-        return float(await self._run("take", key, repr(float(rate)), repr(float(capacity)), repr(float(cost))))
-
-    async def enter(self, key: str, limit: int, member: str, ttl: float) -> bool:
-        """One atomic script; expired slots (a dead replica's) are dropped first."""
-        return bool(await self._run("enter", key, int(limit), member, repr(float(ttl))))
-
-    async def leave(self, key: str, member: str) -> None:
-        """ZREM the slot."""
-        await self._store._call(self._store._client.zrem(self._store._key("quota", key), member))
-
-    @asynccontextmanager
-    async def lock(self, key: str, ttl: float = 30.0, wait: float = 10.0) -> AsyncIterator[None]:
-        """SET NX PX with a random token, polled every 20 ms for at most `wait` s; released only by its holder."""
-        token, name = secrets.token_hex(8), self._store._key("quota", key)
-        deadline = time.monotonic() + wait
-        while not await self._store._call(self._store._client.set(name, token, nx=True, px=int(ttl * 1000))):
-            if time.monotonic() > deadline:
-                raise StoreUnavailable(f"redis store {self._store.url}: lock {key!r} busy for {wait:.0f} s")
-            await asyncio.sleep(0.02)
-        try:
-            yield
-        finally:
-            await self._run("unlock", key, token)
-
-
-def open_counters(store: PrefixStore) -> Counters:
-    """Counters shared through `store`'s backend: Redis for a Redis store, this process otherwise."""
-    from prefix_store.redis import RedisStore
-
-    return RedisCounters(store) if isinstance(store, RedisStore) else LocalCounters()

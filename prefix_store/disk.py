@@ -34,7 +34,8 @@ from prefix_store.watch import Backoff, deliver, diff_snapshots, resolve_version
 logger = logging.getLogger(__name__)
 
 
-def _atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Replace `path` by `data` in one rename (a temp file next to it, fsynced unless `sync` is False)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -48,7 +49,8 @@ def _atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
         raise
 
 
-def _write_error(root: Path, e: OSError) -> StoreError:
+def write_error(root: Path, e: OSError) -> StoreError:
+    """The StoreError for a failed write under `root`: full, read-only, or the OS's reason."""
     what = "full" if e.errno == errno.ENOSPC else "read-only" if e.errno in (errno.EROFS, errno.EACCES) \
         else e.strerror
     return StoreError(f"disk store {root} cannot be written ({what})")
@@ -74,19 +76,19 @@ class DiskStore:
 
     def _migrate(self) -> None:
         """A store written before versions existed: give every current manifest its version record."""
-        with self._locked():
+        with self.locked():
             for p in self._tasks.glob("*.json"):
                 m = self._read_manifest(p)
                 self._write_record(p.stem, m, m.created)
             self._versions.mkdir(exist_ok=True)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         """Hold the store's writer lock (threads and processes)."""
         try:
             fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _write_error(self.root, e) from None
+            raise write_error(self.root, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -172,19 +174,19 @@ class DiskStore:
     def _write_record(self, name: str, m: Manifest, created: float) -> None:
         path = self._record(name, m.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps({"manifest": json.loads(m.to_json()), "created": created}).encode())
+        atomic_write(path, json.dumps({"manifest": json.loads(m.to_json()), "created": created}).encode())
 
     def _bump(self) -> None:
         try:
             n = int(self._generation() or 0) + 1
         except ValueError:
             n = 1
-        _atomic_write(self.root / "generation", str(n).encode(), sync=False)
+        atomic_write(self.root / "generation", str(n).encode(), sync=False)
 
     def _put(self, name: str, manifest: Manifest, tensors: bytes, expected: str | None,
              created: float | None) -> Manifest:
         path = self._task_file(name)
-        with self._locked():
+        with self.locked():
             cur = self._current(name)
             check_expected(name, expected, cur.sha256 if cur else None)
             record = self._record(name, manifest.sha256)
@@ -193,20 +195,20 @@ class DiskStore:
             try:
                 blob = self._blob(manifest.sha256)
                 if not blob.exists():
-                    _atomic_write(blob, tensors)
+                    atomic_write(blob, tensors)
                 if new_record:
                     self._write_record(name, stored, time.time() if created is None else created)
-                _atomic_write(path, stored.to_json())
+                atomic_write(path, stored.to_json())
             except OSError as e:
                 if new_record:
                     record.unlink(missing_ok=True)
-                raise _write_error(self.root, e) from None
+                raise write_error(self.root, e) from None
             self._after_change(name, stored.sha256)
         return stored
 
     def _set_version(self, name: str, version: str, expected: str | None) -> Manifest:
         path = self._task_file(name)
-        with self._locked():
+        with self.locked():
             cur = self._current(name)
             if cur is None:
                 raise PrefixNotFound(name)
@@ -215,15 +217,15 @@ class DiskStore:
             if not self._blob(m.sha256).exists():
                 raise StoreError(f"disk store {self.root}: blob {m.sha256} of {name!r} is missing")
             try:
-                _atomic_write(path, m.to_json())
+                atomic_write(path, m.to_json())
             except OSError as e:
-                raise _write_error(self.root, e) from None
+                raise write_error(self.root, e) from None
             self._after_change(name, m.sha256)
         return m
 
     def _delete(self, name: str, expected: str | None) -> None:
         path = self._task_file(name)
-        with self._locked():
+        with self.locked():
             cur = self._current(name)
             if cur is None:
                 raise PrefixNotFound(name)
@@ -234,7 +236,7 @@ class DiskStore:
                 shutil.rmtree(self._versions / name, ignore_errors=True)
                 self._bump()
             except OSError as e:
-                raise _write_error(self.root, e) from None
+                raise write_error(self.root, e) from None
             for v in set(versions) | {cur.sha256}:
                 self._collect(v)
 

@@ -22,39 +22,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from typing import Any
-from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+from redis.exceptions import RedisError
 
 from prefix_store import redis_lua
 from prefix_store.artifact import Manifest
 from prefix_store.base import (DEFAULT_KEEP_VERSIONS, RESYNC, EventCallback, PrefixNotFound, StoreError, StoreEvent,
                                StoreUnavailable, VersionConflict, VersionInfo, VersionNotFound, store_options,
                                validate_task_name, validate_version)
+from prefix_store.redis_conn import RedisConnection
 from prefix_store.watch import Backoff, deliver, diff_snapshots, resolve_version
 
 logger = logging.getLogger(__name__)
 
-PASSWORD_ENV = "PREFIXSERVE_REDIS_PASSWORD"
 PENDING_BLOB_TTL_S = 3600  # a blob written by a put that never committed expires after this
-
-
-def _public_url(url: str) -> str:
-    """The URL with any password masked, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 class RedisStore:
@@ -62,44 +44,23 @@ class RedisStore:
 
     def __init__(self, url: str, *, prefix: str | None = None, keep_versions: int | str | None = None,
                  timeout: float | str | None = None, idle_ping_s: float = 5.0):
-        base, opts = store_options(url)
-        self.prefix = prefix or opts.get("prefix") or "prefixserve"
-        self.keep_versions = max(1, int(keep_versions or opts.get("keep_versions") or DEFAULT_KEEP_VERSIONS))
-        self.timeout = float(timeout or opts.get("timeout") or 2.0)
+        self.conn = RedisConnection(url, prefix=prefix, timeout=timeout)  # shared with the backend's other stores
+        self.url, self.prefix, self.timeout = self.conn.url, self.conn.prefix, self.conn.timeout
+        self.keep_versions = max(1, int(keep_versions or store_options(url)[1].get("keep_versions")
+                                        or DEFAULT_KEEP_VERSIONS))
         self.idle_ping_s = idle_ping_s
-        self.url = _public_url(base.rstrip("?")) + ("" if self.prefix == "prefixserve" else f"?prefix={self.prefix}")
-        kwargs: dict[str, Any] = {}
-        if urlsplit(base).password is None and os.environ.get(PASSWORD_ENV):
-            kwargs["password"] = os.environ[PASSWORD_ENV]
-        # a blocking pool: a burst of requests waits (bounded) for a connection instead of failing; one immediate
-        # retry: a pooled connection left over from before a Redis restart fails once, then reconnects
-        pool = aioredis.BlockingConnectionPool.from_url(
-            base.rstrip("?"), max_connections=64, timeout=self.timeout, socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 1), **kwargs)
-        self._client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
-        self._scripts = {n: self._client.register_script(getattr(redis_lua, n))
-                         for n in ("PUT", "SET_VERSION", "DELETE", "GET")}
-        self._channel = f"{self.prefix}:events"
+        self._client = self.conn.client
+        self._scripts = {n: self.conn.script(getattr(redis_lua, n)) for n in ("PUT", "SET_VERSION", "DELETE", "GET")}
+        self._channel = self.conn.key("events")
 
     def _key(self, *parts: str) -> str:
-        return ":".join((self.prefix, *parts))
+        return self.conn.key(*parts)
 
     async def _call(self, coro: Any) -> Any:
-        """Await one Redis operation with a hard deadline; map failures to StoreError/StoreUnavailable."""
-        try:
-            return await asyncio.wait_for(coro, self.timeout * 2 + 1)
-        except (RedisConnectionError, RedisTimeoutError, asyncio.TimeoutError, OSError) as e:
-            raise StoreUnavailable(f"redis store {self.url}: unreachable ({type(e).__name__}: {e})") from None
-        except ResponseError as e:
-            if isinstance(e, OutOfMemoryError) or "OOM" in str(e) or "maxmemory" in str(e):
-                raise StoreError(f"redis store {self.url}: out of memory (maxmemory reached; free memory, raise "
-                                 "maxmemory or delete prefixes)") from None
-            raise StoreError(f"redis store {self.url}: {e}") from None
-        except RedisError as e:
-            raise StoreError(f"redis store {self.url}: {type(e).__name__}: {e}") from None
+        return await self.conn.call(coro)
 
     async def _script(self, name: str, *args: Any) -> list[Any]:
-        return await self._call(self._scripts[name](args=[self.prefix, *args]))
+        return await self.conn.run(self._scripts[name], *args)
 
     def _missing_blob(self, name: str, sha: str) -> StoreError:
         return StoreError(f"redis store {self.url}: blob {self._key('blob', sha)} of {name!r} (version {sha}) is "
@@ -266,8 +227,5 @@ class RedisStore:
         return {"ok": True, "detail": f"redis store {self.url}: reachable, {n} tasks"}
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        try:
-            await asyncio.wait_for(self._client.aclose(), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            logger.warning("redis store %s: close failed: %s", self.url, e)
+        """Close the connection pool (the backend's key and counter stores share it)."""
+        await self.conn.close()

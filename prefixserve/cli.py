@@ -30,7 +30,8 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     """Validate a PEFT prefix/prompt-tuning adapter against the model and store it under a task name."""
     from basemodel.convert import artifact_from_files
     from basemodel.model import load_model
-    from prefix_store.base import open_store, validate_task_name
+    from prefix_store.backend import open_store
+    from prefix_store.base import validate_task_name
     from prefix_store.peft_io import read_dir
 
     s = Settings.from_args(args)
@@ -48,7 +49,7 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 def cmd_export_peft(args: argparse.Namespace) -> int:
     """Write a stored prefix as a PEFT prefix-tuning adapter directory."""
     from prefix_store.artifact import PrefixArtifact
-    from prefix_store.base import open_store
+    from prefix_store.backend import open_store
     from prefix_store.peft_io import export_peft, write_dir
 
     s = Settings.from_args(args)
@@ -61,7 +62,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List stored prefixes (one JSON object per line)."""
-    from prefix_store.base import open_store
+    from prefix_store.backend import open_store
 
     s = Settings.from_args(args)
     for name, m in asyncio.run(open_store(s.store).list()).items():
@@ -72,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_store_copy(args: argparse.Namespace) -> int:
     """Copy every prefix, version and alias from one store to another (disk <-> Redis); safe to run again."""
-    from prefix_store.base import open_store
+    from prefix_store.backend import open_store
     from prefix_store.copy import copy_store
 
     async def run() -> dict[str, object]:

@@ -10,9 +10,8 @@ from typing import AsyncIterator
 from fastapi import Depends, FastAPI
 
 from basemodel.model import load_model
-from prefix_store.base import StoreError, open_store
-from prefix_store.counters import open_counters
-from prefix_store.keys import open_key_store
+from prefix_store.backend import open_backend
+from prefix_store.base import StoreError
 from server.api import admin, generate, health, openai, prefixes
 from server.api.auth import authenticate
 from server.api.deps import AppState
@@ -45,7 +44,7 @@ def build_metrics(settings: Settings, engine: Engine, cache: PrefixCache) -> Met
 def build_state(settings: Settings) -> AppState:
     """Load the model and create the engine (started), prefix cache, store and metrics (blocking; ~seconds)."""
     options = {} if settings.store_keep_versions is None else {"keep_versions": settings.store_keep_versions}
-    store = open_store(settings.store, **options)
+    backend = open_backend(settings.store, **options)
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=cache_dir)
     eos = (loaded.tokenizer.eos_token_id,) if getattr(loaded.tokenizer, "eos_token_id", None) is not None else ()
@@ -61,14 +60,15 @@ def build_state(settings: Settings) -> AppState:
                                          packed_weights=settings.packed_weights))
     cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
     metrics = build_metrics(settings, engine, cache)
-    tasks = TaskRegistry(store, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),
+    tasks = TaskRegistry(backend.prefixes, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),
                          settings.max_upload_bytes, on_load=metrics.cold_load)
     metrics.add_tiers(tasks)
     engine.start()
     logger.info("serving %s on %s (%s), store %s, max batch %d", settings.model, loaded.device, loaded.dtype,
-                store.url, settings.max_batch_size)
-    tenants = TenantDirectory(open_key_store(store), Limits.from_settings(settings), settings.auth)
-    return AppState(settings, loaded, engine, cache, store, metrics, tasks, tenants, Quotas(open_counters(store)))
+                backend.url, settings.max_batch_size)
+    tenants = TenantDirectory(backend.keys, Limits.from_settings(settings), settings.auth)
+    return AppState(settings, loaded, engine, cache, backend.prefixes, metrics, tasks, tenants,
+                    Quotas(backend.counters))
 
 
 async def log_auth_mode(state: AppState) -> None:

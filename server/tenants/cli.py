@@ -17,18 +17,17 @@ from server.tenants.limits import LIMIT_NAMES
 
 def _run(args: argparse.Namespace, work: Callable[[TenantDirectory], Awaitable[Any]]) -> Any:
     """Open the store named by --store (or PREFIXSERVE_STORE, or the default) and run `work` on its directory."""
-    from prefix_store.base import open_store
-    from prefix_store.keys import open_key_store
+    from prefix_store.backend import open_backend
     from server.tenants.limits import Limits
 
     settings = Settings.from_args(args)
 
     async def run() -> Any:
-        store = open_store(settings.store)
+        backend = open_backend(settings.store)
         try:
-            return await work(TenantDirectory(open_key_store(store), Limits.from_settings(settings), settings.auth))
+            return await work(TenantDirectory(backend.keys, Limits.from_settings(settings), settings.auth))
         finally:
-            await store.close()
+            await backend.close()
 
     return asyncio.run(run())
 

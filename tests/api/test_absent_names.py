@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
+from prefix_store.backend import open_backend
 from prefix_store.base import RESYNC, PrefixNotFound, StoreEvent
-from prefix_store.keys import open_key_store
 from server.engine.prefix_cache import PrefixCache
 from server.tenants.directory import TenantDirectory
 from server.tenants.limits import Limits
@@ -21,22 +21,24 @@ from server.tiers.host import HostCache
 from server.tiers.registry import TaskRegistry
 from tests.api.conftest import peft_adapter, start_server, stop_server, upload
 from tests.api.test_tenants import make_key
-from tests.prefix_store.conftest import FP, art, backend, namespace, store, tensors  # noqa: F401  (fixtures)
+from tests.prefix_store.conftest import FP, art, backend, namespace, store, stores, tensors  # noqa: F401  (fixtures)
 
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
 
 
-async def test_every_lookup_carries_the_namespace_version(store):
-    d = TenantDirectory(open_key_store(store), Limits())
+async def test_every_lookup_carries_the_namespace_version(stores, backend):
+    d = TenantDirectory(stores.keys, Limits())
     alice, _, _ = await d.create_key("alice")
     bob, _, _ = await d.create_key("bob")
     assert (await d.authenticate(alice)).namespace_version == 0
     await d.namespace_changed("alice")
     await d.namespace_changed("alice")
-    other = TenantDirectory(open_key_store(store), Limits())  # another process on the same store
+    elsewhere = open_backend(backend)  # another process on the same store
+    other = TenantDirectory(elsewhere.keys, Limits())
     assert (await other.authenticate(alice)).namespace_version == 2
     assert (await d.authenticate(alice)).namespace_version == 2
     assert (await other.authenticate(bob)).namespace_version == 0
+    await elsewhere.close()
 
 
 class CountedReads:

@@ -16,8 +16,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from prefix_store.base import open_store
-from prefix_store.keys import open_key_store
+from prefix_store.backend import open_backend
 from server.tenants.directory import TenantDirectory
 from server.tenants.limits import Limits
 from tests.api.conftest import Server, native_files, peft_adapter, start_server, stop_server, upload
@@ -49,11 +48,11 @@ class Tenants:
 def make_key(url: str, tenant: str, admin: bool = False) -> str:
     """Create a key straight in the store (what `prefixserve keys create` does)."""
     async def run() -> str:
-        store = open_store(url)
+        backend = open_backend(url)
         try:
-            return (await TenantDirectory(open_key_store(store), Limits()).create_key(tenant, admin=admin))[0]
+            return (await TenantDirectory(backend.keys, Limits()).create_key(tenant, admin=admin))[0]
         finally:
-            await store.close()
+            await backend.close()
     return asyncio.run(run())
 
 

@@ -13,7 +13,7 @@ import redis
 import torch
 
 from prefix_store.artifact import PrefixArtifact, build_artifact
-from prefix_store.base import open_store
+from prefix_store.backend import open_backend
 
 SHARED_REDIS = os.environ.get("PREFIXSERVE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 FP = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 2}
@@ -58,11 +58,17 @@ def backend(request, tmp_path, namespace) -> str:
 
 
 @pytest.fixture
-async def store(backend):
-    """An open store of each backend."""
-    s = open_store(backend)
-    yield s
-    await s.close()
+async def stores(backend):
+    """Each backend, open: its prefix, key and counter stores."""
+    b = open_backend(backend)
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def store(stores):
+    """The prefix store of each backend."""
+    return stores.prefixes
 
 
 def free_port() -> int:

@@ -6,8 +6,9 @@ import asyncio
 import pytest
 
 from prefix_store.artifact import PrefixArtifact
+from prefix_store.backend import open_store
 from prefix_store.base import (RESYNC, InvalidTaskName, PrefixNotFound, StoreEvent, VersionConflict, VersionNotFound,
-                               open_store, split_task_ref)
+                               split_task_ref)
 from prefix_store.copy import copy_store
 from tests.prefix_store.conftest import art, tensors
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from prefix_store.artifact import PrefixArtifact, build_artifact
-from prefix_store.base import InvalidTaskName, PrefixNotFound, StoreError, open_store, validate_task_name
+from prefix_store.backend import open_store
+from prefix_store.base import InvalidTaskName, PrefixNotFound, StoreError, validate_task_name
 from prefix_store.disk import DiskStore
 
 FP = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from prefix_store.base import open_store
+from prefix_store.backend import open_store
 from prefix_store.disk import DiskStore
 from prefixserve.cli import main
 from tests.prefix_store.conftest import SHARED_REDIS, art, tensors

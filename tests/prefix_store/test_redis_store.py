@@ -9,7 +9,8 @@ import time
 import pytest
 import redis
 
-from prefix_store.base import RESYNC, PrefixNotFound, StoreError, StoreEvent, StoreUnavailable, open_store
+from prefix_store.backend import open_store
+from prefix_store.base import RESYNC, PrefixNotFound, StoreError, StoreEvent, StoreUnavailable
 from prefix_store.redis import RedisStore
 from tests.prefix_store.conftest import SHARED_REDIS, art, free_port, tensors
 
@@ -55,7 +56,7 @@ async def test_missing_blob_is_a_clear_error(namespace):
     s = open_store(f"{SHARED_REDIS}?prefix={namespace}")
     a = art(1)
     await s.put("t", a.manifest, tensors(a))
-    await s._client.delete(f"{namespace}:blob:{a.manifest.sha256}")  # what maxmemory eviction does
+    await s.conn.client.delete(f"{namespace}:blob:{a.manifest.sha256}")  # what maxmemory eviction does
     with pytest.raises(StoreError, match=f"blob {namespace}:blob:{a.manifest.sha256} of 't'.*missing"):
         await s.get("t")
     assert (await s.get_manifest("t")).sha256 == a.manifest.sha256  # the manifest alone still reads

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefix_store.artifact import PrefixArtifact, build_artifact
-from prefix_store.base import open_store
+from prefix_store.backend import open_store
 from tests.prefix_store.conftest import FP
 
 N = 10_000

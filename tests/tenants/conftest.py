@@ -1,2 +1,2 @@
 """Both store backends (disk directory, Redis namespace on the shared Redis), as in tests/prefix_store."""
-from tests.prefix_store.conftest import backend, namespace, redis_server, store  # noqa: F401  (fixtures)
+from tests.prefix_store.conftest import backend, namespace, redis_server, store, stores  # noqa: F401  (fixtures)

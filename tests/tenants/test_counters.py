@@ -6,13 +6,14 @@ import asyncio
 
 import pytest
 
-from prefix_store.base import open_store
-from prefix_store.counters import LocalCounters, RedisCounters, open_counters
+from prefix_store.backend import open_backend
+from prefix_store.counters import LocalCounters
+from prefix_store.redis_counters import RedisCounters
 from tests.prefix_store.conftest import SHARED_REDIS
 
 
-async def test_token_bucket(store):
-    c = open_counters(store)
+async def test_token_bucket(stores):
+    c = stores.counters
     assert [await c.take("b", 1.0, 3, 1) for _ in range(3)] == [0.0, 0.0, 0.0]  # starts full: a burst of 3
     wait = await c.take("b", 1.0, 3, 1)
     assert 0.5 < wait <= 1.0  # empty: the next token comes in ~1 s; nothing was taken
@@ -24,8 +25,8 @@ async def test_token_bucket(store):
     assert await c.take("b2", 1000.0, 2, 2) == 0.0  # refilled at 1000/s
 
 
-async def test_slots_limit_release_and_expire(store):
-    c = open_counters(store)
+async def test_slots_limit_release_and_expire(stores):
+    c = stores.counters
     assert await c.enter("s", 2, "r1", 60) and await c.enter("s", 2, "r2", 60)
     assert not await c.enter("s", 2, "r3", 60)
     await c.leave("s", "r1")
@@ -36,8 +37,8 @@ async def test_slots_limit_release_and_expire(store):
     assert await c.enter("t", 1, "x", 60)
 
 
-async def test_lock_serialises(store):
-    c = open_counters(store)
+async def test_lock_serialises(stores):
+    c = stores.counters
     inside, most = 0, 0
 
     async def work() -> None:
@@ -54,9 +55,9 @@ async def test_lock_serialises(store):
 
 async def test_redis_counters_are_shared_between_clients(namespace):
     url = f"{SHARED_REDIS}?prefix={namespace}"
-    a, b = open_store(url), open_store(url)
+    a, b = open_backend(url), open_backend(url)
     try:
-        ca, cb = open_counters(a), open_counters(b)
+        ca, cb = a.counters, b.counters
         assert isinstance(ca, RedisCounters)
         assert await ca.take("shared", 0.001, 2, 1) == 0.0 and await cb.take("shared", 0.001, 2, 1) == 0.0
         assert await ca.take("shared", 0.001, 2, 1) > 0 and await cb.take("shared", 0.001, 2, 1) > 0
@@ -67,4 +68,4 @@ async def test_redis_counters_are_shared_between_clients(namespace):
 
 
 def test_disk_store_counts_in_process(tmp_path):  # per replica (docs/tenants.md)
-    assert isinstance(open_counters(open_store(str(tmp_path))), LocalCounters)
+    assert isinstance(open_backend(str(tmp_path)).counters, LocalCounters)

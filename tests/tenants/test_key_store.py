@@ -8,15 +8,14 @@ import stat
 
 import pytest
 
-from prefix_store.base import open_store
-from prefix_store.keys import open_key_store
+from prefix_store.backend import Backend, open_backend
 from server.tenants.directory import TenantDirectory, Unauthorized
 from server.tenants.keys import key_hash, key_id, matches, new_key
 from server.tenants.limits import Limits
 
 
-def directory(store, **kw) -> TenantDirectory:
-    return TenantDirectory(open_key_store(store), Limits(requests_per_second=5, max_new_tokens=64), **kw)
+def directory(stores: Backend, **kw) -> TenantDirectory:
+    return TenantDirectory(stores.keys, Limits(requests_per_second=5, max_new_tokens=64), **kw)
 
 
 def test_key_format_and_hash():
@@ -28,8 +27,8 @@ def test_key_format_and_hash():
     assert new_key("alice")[0] != key  # random every time
 
 
-async def test_auth_off_until_a_tenant_then_keys_are_checked(store):
-    d = directory(store)
+async def test_auth_off_until_a_tenant_then_keys_are_checked(stores):
+    d = directory(stores)
     assert not await d.enabled()
     anon = await d.authenticate(None)
     assert anon.tenant == "" and not anon.admin and anon.limits.requests_per_second == 5
@@ -67,7 +66,7 @@ async def test_auth_off_until_a_tenant_then_keys_are_checked(store):
 
 
 async def test_revocation_reaches_another_process_at_once(backend):
-    a, b = open_store(backend), open_store(backend)  # two replicas' views of one store
+    a, b = open_backend(backend), open_backend(backend)  # two replicas' views of one store
     try:
         da, db = directory(a), directory(b)
         key, record, _ = await da.create_key("alice")
@@ -80,17 +79,16 @@ async def test_revocation_reaches_another_process_at_once(backend):
         await b.close()
 
 
-async def test_required_mode_needs_a_key_without_tenants(store):
-    d = directory(store, mode="required")
+async def test_required_mode_needs_a_key_without_tenants(stores):
+    d = directory(stores, mode="required")
     with pytest.raises(Unauthorized, match="missing API key"):
         await d.authenticate(None)
     with pytest.raises(ValueError, match="auth"):
-        directory(store, mode="off")
+        directory(stores, mode="off")
 
 
 async def test_disk_file_holds_hashes_only(tmp_path):
-    store = open_store(str(tmp_path / "s"))
-    key, record, _ = await directory(store).create_key("alice", label="app")
+    key, record, _ = await directory(open_backend(str(tmp_path / "s"))).create_key("alice", label="app")
     path = tmp_path / "s" / "auth.json"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     saved = json.loads(path.read_text())
@@ -102,12 +100,11 @@ async def test_store_outage_keeps_recent_keys_and_open_servers(redis_server):
     """Redis down: keys verified within STALE_KEY_S still pass (nobody can revoke meanwhile), others get the
     store's error (503), and a server whose store had no tenants stays open."""
     from prefix_store.base import StoreUnavailable
-    from prefix_store.counters import open_counters
     from server.tenants.namespaces import Caller
     from server.tenants.quotas import Quotas
 
     redis = redis_server()
-    with_keys, without = (open_store(f"{redis.url}?prefix={p}&timeout=0.5") for p in ("on", "off"))
+    with_keys, without = (open_backend(f"{redis.url}?prefix={p}&timeout=0.5") for p in ("on", "off"))
     try:
         d, open_d = directory(with_keys), directory(without)
         key, _, _ = await d.create_key("alice")
@@ -120,7 +117,7 @@ async def test_store_outage_keeps_recent_keys_and_open_servers(redis_server):
         with pytest.raises(StoreUnavailable):
             await d.authenticate(None)
         assert (await open_d.authenticate(None)).tenant == ""
-        quotas = Quotas(open_counters(with_keys))  # rate and concurrency are not counted while unreachable
+        quotas = Quotas(with_keys.counters)  # rate and concurrency are not counted while unreachable
         limited = Caller("alice", False, Limits(requests_per_second=0.001, concurrent_requests=1,
                                                 tokens_per_minute=10))
         await quotas.admit(limited)
