@@ -36,7 +36,8 @@ from server.api.errors import APIError, error_body, validation
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_SLACK = 64 * 1024  # multipart headers and boundaries on top of max_upload_bytes (as in prefixes.py)
+MULTIPART_SLACK = 64 * 1024  # room for multipart part headers and boundaries on top of max_upload_bytes (here and
+# where server/api/prefixes.py parses an upload)
 DEADLINE_GRACE_S = 5.0
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
@@ -109,7 +110,7 @@ class RequestLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         upload = _is_upload(scope)
-        cap = self.limits.max_upload_bytes + UPLOAD_SLACK if upload else self.limits.max_body_bytes
+        cap = self.limits.max_upload_bytes + MULTIPART_SLACK if upload else self.limits.max_body_bytes
         deadline = time.monotonic() + self.limits.client_timeout_s
         body = _body(scope)
         if upload:  # streamed to the route, counted on the way
@@ -164,7 +165,7 @@ def _check_length(scope: Scope, cap: int, upload: bool) -> None:
 
 
 def _too_large(cap: int, upload: bool) -> _Refused:
-    what = (f"upload larger than the limit of {cap - UPLOAD_SLACK} bytes (--max-upload-bytes)" if upload
+    what = (f"upload larger than the limit of {cap - MULTIPART_SLACK} bytes (--max-upload-bytes)" if upload
             else f"request body larger than the limit of {cap} bytes (--max-body-bytes)")
     return _Refused(413, what, "too_large")
 

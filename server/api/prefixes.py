@@ -20,7 +20,7 @@ import json
 import logging
 import zipfile
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Annotated, Any, AsyncIterator
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -37,15 +37,14 @@ from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import APIError
 from server.api.generate import version_headers
+from server.api.limits import MULTIPART_SLACK
 from server.api.service import visible_tasks
 from server.tenants.audit import audit
-from server.tenants.namespaces import Caller, candidates, split_ref, split_stored
+from server.tenants.namespaces import Caller, candidates, first_found, split_ref, split_stored
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=AuthenticatedRoute)
-T = TypeVar("T")
 
-MULTIPART_SLACK = 64 * 1024  # room for part headers and boundaries on top of the file bytes
 MAX_PARTS = 8
 NameParam = Annotated[str, Path(description="Task name: 1-128 of letters, digits, '-', '_', '.'")]
 RefParam = Annotated[str, Path(alias="name", description="Task name, or NAME@VERSION for one stored version")]
@@ -137,17 +136,6 @@ async def read_upload(request: Request, limit: int) -> tuple[dict[str, bytes], s
     return files, description
 
 
-async def _find(caller: Caller, name: str, version: str | None,
-                read: Callable[[str, str | None], Awaitable[T]]) -> tuple[str, T]:
-    """`read(stored name, version)` on the first of the caller's candidates for `name` that exists (else 404)."""
-    for stored in candidates(caller, name):
-        try:
-            return stored, await read(stored, version)
-        except PrefixNotFound:
-            continue
-    raise VersionNotFound(name, version) if version else PrefixNotFound(name)  # named as the caller named it
-
-
 def _own(caller: Caller, name: str) -> str:
     """The stored name a write of `name` goes to."""
     return candidates(caller, name, write=True)[0]
@@ -233,10 +221,10 @@ async def rollback_prefix(name: NameParam, body: RollbackBody, request: Request,
 @router.get("/{name}/versions")
 async def list_versions(name: NameParam, state: StateDep, caller: CallerDep) -> dict[str, Any]:
     """The task's kept versions, newest first; `current` marks the one requests use."""
-    async def read(stored: str, _: str | None) -> tuple[list, str]:
+    async def read(stored: str, _: bool) -> tuple[list, str]:
         return await state.store.list_versions(stored), (await state.store.get_manifest(stored)).sha256
 
-    _, (infos, current) = await _find(caller, name, None, read)
+    _, (infos, current) = await first_found(caller, name, None, read)
     return {"task": name, "versions": [{"version": v.version, "created": v.created, "current": v.version == current,
                                         "manifest": json.loads(v.manifest.to_json())} for v in infos]}
 
@@ -251,7 +239,7 @@ async def list_prefixes(state: StateDep, caller: CallerDep) -> dict[str, list[di
 async def get_prefix(ref: RefParam, state: StateDep, caller: CallerDep) -> JSONResponse:
     """One prefix's manifest (its current version, or NAME@VERSION)."""
     name, version = split_ref(ref)
-    _, m = await _find(caller, name, version, state.store.get_manifest)
+    _, m = await first_found(caller, name, version, lambda stored, _: state.store.get_manifest(stored, version))
     return JSONResponse(manifest_body(name, m), headers=etag_headers(m.sha256))
 
 
@@ -271,7 +259,7 @@ async def download_prefix(ref: RefParam, state: StateDep, caller: CallerDep,
     if file is not None and file not in (MANIFEST_FILE, TENSORS_FILE):
         raise APIError(422, f"file: must be {MANIFEST_FILE} or {TENSORS_FILE}", "validation")
     name, version = split_ref(ref)
-    _, (m, tensors) = await _find(caller, name, version, state.store.get)
+    _, (m, tensors) = await first_found(caller, name, version, lambda stored, _: state.store.get(stored, version))
     files = {MANIFEST_FILE: m.to_json(), TENSORS_FILE: tensors}
     headers = etag_headers(m.sha256)
     if file is None:

@@ -10,7 +10,6 @@ from typing import Annotated, AsyncIterator
 from fastapi import Depends, Request
 
 from prefix_store.artifact import Manifest
-from prefix_store.base import PrefixNotFound, VersionNotFound
 from server.api.deps import AppState
 from server.api.errors import APIError, validation
 from server.api.limits import check_text
@@ -18,7 +17,7 @@ from server.api.text import IncrementalDecoder, StopMatcher
 from server.engine.prefix_cache import DevicePrefix
 from server.engine.request import GenerationResult, RequestHandle
 from server.engine.sampling import SamplingParams
-from server.tenants.namespaces import Caller, candidates, public_name, split_ref, split_stored
+from server.tenants.namespaces import Caller, first_found, public_name, split_ref, split_stored
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("prefixserve.requests")  # one line per finished generation, with its tenant
@@ -30,14 +29,13 @@ async def acquire_prefix(state: AppState, caller: Caller, task: str) -> tuple[De
     own task first, then the shared one (server/tenants/namespaces.py); release the prefix after."""
     name, version = split_ref(task)
     at = f"@{version}" if version else ""
-    names = candidates(caller, name)
-    for i, stored in enumerate(names):
-        shadowing = i < len(names) - 1  # the caller's own name, with a shared one behind it: its absence is kept
-        try:
-            return await state.tasks.acquire(stored + at, caller.namespace_version if shadowing else None), stored
-        except PrefixNotFound:  # StoreError -> 503
-            continue
-    raise VersionNotFound(name, version) if version else PrefixNotFound(name)  # named as the caller named it
+
+    async def acquire(stored: str, shadowing: bool) -> DevicePrefix:
+        # the caller's own name, with a shared one behind it: its absence is remembered (StoreError -> 503)
+        return await state.tasks.acquire(stored + at, caller.namespace_version if shadowing else None)
+
+    stored, prefix = await first_found(caller, name, version, acquire)
+    return prefix, stored
 
 
 async def visible_tasks(state: AppState, caller: Caller) -> dict[str, tuple[str, Manifest]]:

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
 
-from prefix_store.base import (NAMESPACE_SEP, TENANT_NAME, InvalidTaskName, PrefixNotFound, validate_task_name,
-                               validate_version)
+from prefix_store.base import (NAMESPACE_SEP, TENANT_NAME, InvalidTaskName, PrefixNotFound, VersionNotFound,
+                               validate_task_name, validate_version)
 from server.tenants.limits import Limits
+
+T = TypeVar("T")
 
 SHARED = "shared"  # the namespace word for shared tasks in `NS~TASK` (not a valid tenant name)
 ANONYMOUS_LABEL = ":anonymous"  # the tenant label of the anonymous caller (':' cannot appear in a tenant name)
@@ -91,6 +94,20 @@ def candidates(caller: Caller, name: str, *, write: bool = False) -> list[str]:
     if write or caller.namespace is None:
         return [own]
     return [own, name]
+
+
+async def first_found(caller: Caller, name: str, version: str | None,
+                      read: Callable[[str, bool], Awaitable[T]]) -> tuple[str, T]:
+    """(stored name, `read(stored, shadowing)`) for the first of the caller's candidates for `name` that `read`
+    finds (it raises PrefixNotFound for the others); `shadowing` is True while a shared name stands behind the one
+    read. None found: PrefixNotFound, or VersionNotFound for a `version`, named as the caller named it."""
+    names = candidates(caller, name)
+    for i, stored in enumerate(names):
+        try:
+            return stored, await read(stored, i < len(names) - 1)
+        except PrefixNotFound:
+            continue
+    raise VersionNotFound(name, version) if version else PrefixNotFound(name)
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:

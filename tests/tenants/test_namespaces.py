@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from prefix_store.base import InvalidTaskName, PrefixNotFound, validate_task_name
+from prefix_store.base import InvalidTaskName, PrefixNotFound, VersionNotFound, validate_task_name
 from server.tenants.limits import Limits, check_overrides
-from server.tenants.namespaces import Caller, candidates, public_name, split_ref, validate_tenant_name
+from server.tenants.namespaces import (Caller, candidates, first_found, public_name, split_ref,
+                                       validate_tenant_name)
 
 ALICE = Caller("alice", False, Limits())
 OPS = Caller("ops", True, Limits())
@@ -28,6 +29,27 @@ def test_candidates():
     assert split_ref("e2e@abcdef0") == ("e2e", "abcdef0")
     with pytest.raises(InvalidTaskName):
         split_ref("e2e@nothex!")
+
+
+async def test_first_found_reads_the_candidates_in_order():
+    """The caller's own name first (read as shadowing a shared one), then the shared one; none: named as asked."""
+    stored = {"e2e": "shared", "bob~e2e": "bob's"}
+    reads: list[tuple[str, bool]] = []
+
+    async def read(name: str, shadowing: bool) -> str:
+        reads.append((name, shadowing))
+        if name not in stored:
+            raise PrefixNotFound(name)
+        return stored[name]
+
+    assert await first_found(ALICE, "e2e", None, read) == ("e2e", "shared")
+    assert reads == [("alice~e2e", True), ("e2e", False)]
+    assert await first_found(Caller("bob", False, Limits()), "e2e", None, read) == ("bob~e2e", "bob's")
+    with pytest.raises(PrefixNotFound, match="'x'"):
+        await first_found(ALICE, "x", None, read)
+    with pytest.raises(VersionNotFound) as e:
+        await first_found(ALICE, "x", "abcdef0", read)
+    assert (e.value.name, e.value.version) == ("x", "abcdef0")  # the caller's name, not the stored one
 
 
 def test_public_names():
