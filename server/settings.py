@@ -39,9 +39,10 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(512, ge=1, description="Prompt tokens prefilled per engine step; longer "
                                                            "prompts are prefilled in chunks between decode steps")
     packed_weights: Literal["auto", "on", "off"] = Field(
-        "auto", description="CPU fp32: run decoder-only models on a copy whose weight matrices are prepacked for "
-                            "oneDNN (up to ~1.5x faster matrix work per decode step, one more copy of the weights "
-                            "in memory); auto = on where available and measured >= 1.1x faster at start-up")
+        "auto", description="CPU fp32: run the model (decoder-only or BART) on a copy whose weight matrices are "
+                            "prepacked for oneDNN (faster matrix work per decode step on some shapes, one more "
+                            "copy of the weight matrices in memory); auto = on where available and measured >= "
+                            "1.1x faster on this model's matrices at start-up")
     kv_cache_bytes: int = Field(4 * 2**30, ge=2**20, description="Bound on the KV cache of running rows; "
                                                                  "admission waits rather than exceed it")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request does not say")

@@ -9,12 +9,12 @@ The buffers grow by doubling (rows and positions), never past `max_rows` rows an
 to their initial size when the engine is idle; the last position is a write-only "trash" slot that receives the
 keys of left-padding tokens during prefill and is never attended to.
 
-Growing on a CPU costs mostly the page faults of touching fresh memory (measured here: ~0.5-1 s for the 450 MB of a
-64-row GPT-2-small cache, ~10x the time to zero the same memory once touched), and a growth stalls every running
-row. So once more than half the rows are in use, the next doubling of the rows is allocated and zeroed ahead of
-time on a background thread (torch releases the GIL while it zeroes, so this overlaps the engine's forwards on
-another core), and the growth that needs it only copies what is stored. The spare is made only if the buffers held
-now and the spare together fit `prefetch_limit` bytes (the engine's KV budget), and counts in `nbytes()`.
+Growing on a CPU costs mostly the page faults of touching fresh memory (far more than zeroing memory already
+touched; docs/benchmarks.md, "KV-cache growth"), and a growth stalls every running row. So once more than half the
+rows are in use, the next doubling of the rows is allocated and zeroed ahead of time on a background thread (torch
+releases the GIL while it zeroes, so this overlaps the engine's forwards on another core), and the growth that
+needs it only copies what is stored. The spare is made only if the buffers held now and the spare together fit
+`prefetch_limit` bytes (the engine's KV budget), and counts in `nbytes()`.
 """
 from __future__ import annotations
 

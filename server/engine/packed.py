@@ -3,8 +3,8 @@
 A decode step multiplies every weight matrix by a few rows. The plain CPU GEMM re-packs the weight matrix into its
 blocked panel layout on every call, which at 1-64 rows costs about as much as the multiplication itself; oneDNN
 can take the weight already packed (`torch.ops.mkldnn._reorder_linear_weight`, the layout torch.compile's CPU
-freezing and vLLM's CPU backend use), which makes a decode step's matrix work ~1.5x faster on this project's
-machines (docs/benchmarks.md).
+freezing and vLLM's CPU backend use), which can make a decode step's matrix work faster, by how much depending on
+the matrices' shapes and the CPU (docs/benchmarks.md has the measurements).
 
 The packed matrices live in a *serving copy* of the model: the module tree is copied with every parameter shared
 (no weight is duplicated except into its packed form), and each `nn.Linear` / GPT-2 `Conv1D` of the copy is
@@ -93,8 +93,8 @@ def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 def _give_back_memory() -> None:
-    """Return freed heap memory to the OS (glibc keeps the trial copy's pages otherwise: ~0.4 GB of RSS for
-    SmolLM2-135M); a no-op where there is no glibc."""
+    """Return freed heap memory to the OS (glibc would keep the pages of a dropped trial copy as the process's own);
+    a no-op where there is no glibc."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -132,8 +132,7 @@ def measured_speedup(model: nn.Module, clone: nn.Module, rows: int = PACK_BATCH_
 def serving_model(model: nn.Module, device: torch.device, dtype: torch.dtype, mode: str = "auto") -> nn.Module:
     """The module the engine runs: `model` itself, or its packed copy. 'on': the packed copy (required); 'off': the
     model; 'auto': the packed copy where packing is available and measured at least MIN_SPEEDUP faster on this
-    model's own matrices (it is on GPT-2 small's shapes, not on SmolLM2-135M's: docs/benchmarks.md), else the
-    model, so no memory is spent on a copy that does not pay."""
+    model's own matrices, else the model, so no memory is spent on a copy that does not pay."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"packed weights: expected auto, on or off, got {mode!r}")
     if mode == "off" or (mode == "auto" and not packing_available(device, dtype)):
