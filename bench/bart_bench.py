@@ -29,8 +29,8 @@ from bench.common import Job, bart_base, make_adapters, workload
 from bench.engine_bench import load_peft, run_engine
 from prefix_store.artifact import build_artifact
 from prefix_store.peft_io import read_dir
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
-from server.engine.prefix_cache import DevicePrefix
 
 logger = logging.getLogger("bench")
 

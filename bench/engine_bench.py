@@ -24,8 +24,8 @@ from tqdm import tqdm
 from basemodel.convert import artifact_from_files
 from bench.common import Job, embedded, flops_per_token, gpt2_small, make_adapters, measure_matmul_peak, workload
 from prefix_store.peft_io import read_dir
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig, generate_sync
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 
 logger = logging.getLogger("bench")

@@ -51,8 +51,8 @@ def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list
     ends, the arrival pattern of the HTTP run) and `all_at_once` (every request submitted together)."""
     from basemodel.convert import artifact_from_files
     from basemodel.model import load_model
+    from server.engine.device_prefix import PrefixCache
     from server.engine.engine import Engine, EngineConfig, generate_sync
-    from server.engine.prefix_cache import PrefixCache
     from server.engine.sampling import SamplingParams
 
     import torch

@@ -18,8 +18,8 @@ from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import LimitSettings, RequestLimits
 from server.api.metrics import MetricLabels, Metrics
+from server.engine.device_prefix import PrefixCache
 from server.engine.engine import Engine, EngineConfig
-from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
 from server.tenants.audit import add_audit_file
 from server.tenants.directory import TenantDirectory

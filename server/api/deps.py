@@ -12,8 +12,8 @@ from basemodel.model import LoadedModel
 from prefix_store.base import PrefixStore
 from server.api.errors import APIError
 from server.api.metrics import Metrics
+from server.engine.device_prefix import PrefixCache
 from server.engine.engine import Engine
-from server.engine.prefix_cache import PrefixCache
 from server.settings import Settings
 from server.tenants.directory import TenantDirectory
 from server.tenants.quotas import Quotas

@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from server.tenants.namespaces import ANONYMOUS_LABEL
 
 if TYPE_CHECKING:
+    from server.engine.device_prefix import PrefixCache
     from server.engine.engine import Engine
-    from server.engine.prefix_cache import PrefixCache
     from server.tiers.registry import TaskRegistry
 
 BASE_LABEL = ":base"  # the task label of requests without a task (':' cannot appear in a task name)

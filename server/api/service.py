@@ -14,7 +14,7 @@ from server.api.deps import AppState
 from server.api.errors import APIError, validation
 from server.api.limits import check_text
 from server.api.text import IncrementalDecoder, StopMatcher
-from server.engine.prefix_cache import DevicePrefix
+from server.engine.device_prefix import DevicePrefix
 from server.engine.request import GenerationResult, RequestHandle
 from server.engine.sampling import SamplingParams
 from server.tenants.namespaces import Caller, first_found, public_name, split_ref, split_stored

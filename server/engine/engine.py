@@ -16,7 +16,7 @@ import torch
 
 from basemodel.model import LoadedModel
 from server.engine.batch import Row, RunningBatch
-from server.engine.prefix_cache import DevicePrefix
+from server.engine.device_prefix import DevicePrefix
 from server.engine.runner import check_decoder_lengths, make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
                                    RequestHandle, TokenEvent)

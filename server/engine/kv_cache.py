@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 if TYPE_CHECKING:
-    from server.engine.prefix_cache import DevicePrefix
+    from server.engine.device_prefix import DevicePrefix
 
 
 class _SlotLayer(CacheLayerMixin):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from server.engine.prefix_cache import DevicePrefix
+from server.engine.device_prefix import DevicePrefix
 from server.engine.sampling import SamplingParams
 
 _ids = itertools.count(1)

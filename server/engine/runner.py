@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from basemodel.model import LoadedModel
+from server.engine.device_prefix import DevicePrefix
 from server.engine.kv_cache import SlotKVCache
 from server.engine.packed import serving_model
-from server.engine.prefix_cache import DevicePrefix
 
 if TYPE_CHECKING:
     from server.engine.batch import Row

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from basemodel.model import LoadedModel
+from server.engine.device_prefix import DevicePrefix
 from server.engine.packed import serving_model
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.runner import causal_mask, check_decoder_lengths
 from server.engine.seq2seq_cache import CrossState, Seq2SeqSlotCache
 

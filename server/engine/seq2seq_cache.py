@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, EncoderDecoderCache
 from server.engine.kv_cache import SlotKVCache
 
 if TYPE_CHECKING:
-    from server.engine.prefix_cache import DevicePrefix
+    from server.engine.device_prefix import DevicePrefix
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The warm tier: parsed, validated prefix artifacts in host memory, bounded by bytes, least recently used out.
 
-It sits between the device cache (server/engine/prefix_cache.py) and the store: a device eviction or a version
+It sits between the device cache (server/engine/device_prefix.py) and the store: a device eviction or a version
 dropped on another replica's upload costs a host-to-device copy instead of a store round trip and a re-parse.
 Entries are keyed by version (sha256), so they never go stale; a deleted task's versions are dropped to free memory.
 

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from prefix_store.artifact import Manifest, PrefixArtifact, validate
 from prefix_store.base import (RESYNC, PrefixNotFound, PrefixStore, StoreError, StoreEvent, StoreUnavailable,
                                split_task_ref)
-from server.engine.prefix_cache import DevicePrefix, PrefixCache
+from server.engine.device_prefix import DevicePrefix, PrefixCache
 from server.tiers.host import HostCache
 
 logger = logging.getLogger(__name__)

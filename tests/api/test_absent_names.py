@@ -14,7 +14,7 @@ import torch
 
 from prefix_store.backend import open_backend
 from prefix_store.base import RESYNC, PrefixNotFound, StoreEvent
-from server.engine.prefix_cache import PrefixCache
+from server.engine.device_prefix import PrefixCache
 from server.tenants.directory import TenantDirectory
 from server.tenants.limits import Limits
 from server.tiers.host import HostCache

@@ -14,7 +14,7 @@ import torch
 from prefix_store.artifact import build_artifact
 from prefix_store.backend import open_store
 from prefix_store.base import RESYNC, PrefixNotFound, StoreEvent, StoreUnavailable
-from server.engine.prefix_cache import PrefixCache
+from server.engine.device_prefix import PrefixCache
 from server.tiers.host import HostCache, artifact_bytes
 from server.tiers.registry import TaskRegistry
 from tests.engine.test_prefix_cache import held_bytes

@@ -8,8 +8,8 @@ import torch
 
 from basemodel.model import load_model
 from prefix_store.artifact import build_artifact, validate
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig, generate_sync
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 from tests.tiny import bart_tokenizer, loaded_tiny, save_tiny_model_dir
 from trainer.bart_prefix import greedy_generate

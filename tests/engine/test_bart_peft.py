@@ -11,8 +11,8 @@ from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_mod
 from basemodel.convert import artifact_from_files
 from prefix_store.artifact import ArtifactError, build_artifact
 from prefix_store.peft_io import ADAPTER_CONFIG, export_peft, parse_peft, read_dir, write_dir
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig, generate_sync
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 from tests.engine.conftest import make_peft_adapter
 from tests.tiny import bart_tokenizer, loaded_tiny, tiny_model

@@ -8,8 +8,8 @@ from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuning
 from basemodel.convert import artifact_from_files
 from basemodel.model import load_model
 from prefix_store.peft_io import read_dir
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]

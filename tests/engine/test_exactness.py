@@ -7,8 +7,8 @@ from peft import PeftModel
 
 from basemodel.convert import artifact_from_files
 from prefix_store.peft_io import read_dir
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 from tests.tiny import tiny_model
 

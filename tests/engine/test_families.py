@@ -5,8 +5,8 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from basemodel.model import LoadedModel, spec_from_config
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig, generate_sync
 from server.engine.packed import PackedLinear, packed_copy, packing_available, serving_model
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 from tests.tiny import loaded_tiny
 

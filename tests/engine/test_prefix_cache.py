@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from prefix_store.artifact import build_artifact
-from server.engine.prefix_cache import PrefixCache
+from server.engine.device_prefix import PrefixCache
 from server.tiers.host import HostCache, artifact_bytes
 
 FP = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4}

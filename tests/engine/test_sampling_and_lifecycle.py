@@ -63,8 +63,8 @@ def test_eos_and_stop_token_ids(loaded):
 
 def test_cancel_frees_row_and_releases_prefix(loaded, adapters):
     from basemodel.convert import artifact_from_files
-    from server.engine.prefix_cache import PrefixCache
     from prefix_store.peft_io import read_dir
+    from server.engine.device_prefix import PrefixCache
     cache = PrefixCache(10**9, loaded.device, loaded.dtype)
     art = artifact_from_files(read_dir(adapters["a3"]), loaded)
     dp = cache.acquire(art.manifest.sha256, lambda: art)

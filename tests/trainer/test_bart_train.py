@@ -9,8 +9,8 @@ import torch
 
 from basemodel.model import load_model
 from prefix_store.artifact import load_dir, validate
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
-from server.engine.prefix_cache import DevicePrefix
 from server.engine.sampling import SamplingParams
 from tests.tiny import save_tiny_model_dir
 from trainer.bart_prefix import greedy_generate, prefix_logits
