@@ -105,6 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await asyncio.to_thread(state.engine.stop)  # queued and running requests finish as 'cancelled'
+        state.tokenizing.close()
         await state.store.close()
         if audit_file is not None:
             logging.getLogger("prefixserve.audit").removeHandler(audit_file)

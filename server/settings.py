@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted prefix upload")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest request body other than uploads (413 "
                                                                "past it, before it is read)")
+    max_prompt_bytes: int = Field(256 * 1024, ge=1, description="Largest prompt text of one request in UTF-8 bytes "
+                                                             "(all its prompts, or all its chat messages): 413 "
+                                                             "past it, before any tokenisation")
     max_json_depth: int = Field(32, ge=2, description="Deepest nesting of arrays/objects in a JSON body (422)")
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline of each generation from its submission "
                                                               "(queued + running): past it the row is cancelled and "

@@ -12,6 +12,7 @@ from basemodel.model import LoadedModel
 from prefix_store.base import PrefixStore
 from server.api.errors import APIError
 from server.api.metrics import Metrics
+from server.api.tokenize import Tokenizing
 from server.engine.device_prefix import PrefixCache
 from server.engine.engine import Engine
 from server.settings import Settings
@@ -34,6 +35,10 @@ class AppState:
     tenants: TenantDirectory
     quotas: Quotas
     background: set[asyncio.Task] = field(default_factory=set)  # work that outlives its request (see spawn)
+    tokenizing: Tokenizing = field(init=False)  # prompts to ids, off the event loop (closed by the lifespan)
+
+    def __post_init__(self) -> None:
+        self.tokenizing = Tokenizing(self.loaded.tokenizer, self.settings.max_prompt_bytes)
 
     def spawn(self, work: Coroutine) -> asyncio.Task:
         """Run `work` as a task kept until it ends, whatever becomes of the request that started it (booking a

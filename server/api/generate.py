@@ -14,7 +14,7 @@ from server.api.errors import error_body, to_api_error, validation
 from server.api.logprobs import tgi_top_tokens
 from server.api.schemas import (Details, GenerateRequest, GenerateResponse, InputToken, Parameters, StreamDetails,
                                 StreamResponse, Token, tgi_params)
-from server.api.service import Generation, Started, StartedDep, encode, run_or_cancel, start
+from server.api.service import Generation, Started, StartedDep, run_or_cancel, start
 from server.tenants.namespaces import Caller
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ async def _start(state: AppState, caller: Caller, started: Started, body: Genera
                  route: str) -> Generation:
     p = body.parameters or Parameters()
     params, stops = tgi_params(p, state.settings.max_new_tokens_default)
-    ids = encode(state, body.inputs, truncate=p.truncate)
+    ids = await state.tokenizing.encode(body.inputs, truncate=p.truncate)
     return await start(state, caller, started, pick_task(query_task, p.adapter_id), ids, params, stops, route)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 
@@ -39,8 +38,8 @@ logger = logging.getLogger(__name__)
 MULTIPART_SLACK = 64 * 1024  # room for multipart part headers and boundaries on top of max_upload_bytes (here and
 # where server/api/prefixes.py parses an upload)
 DEADLINE_GRACE_S = 5.0
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+OFF_LOOP_BYTES = 64 * 1024  # bodies from this size are scanned for their JSON depth off the event loop
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,23 @@ class _Refused(Exception):
 
 
 def json_depth(body: bytes) -> int:
-    """The deepest nesting of arrays/objects in a JSON text (strings skipped), without parsing it."""
-    structure = np.frombuffer(_JSON_STRING.sub(b"", body), np.uint8)
-    steps = np.isin(structure, _OPEN).astype(np.int32) - np.isin(structure, _CLOSE)
+    """The deepest nesting of arrays/objects in a JSON text (strings skipped), without parsing it. It runs on the
+    event loop, so it works on the positions of quotes, backslashes and brackets only (a 1 MB prompt: ~1 ms)."""
+    b = np.frombuffer(body, np.uint8)
+    slashes = np.flatnonzero(b == _BACKSLASH)
+    quotes = np.flatnonzero(b == _QUOTE)
+    if slashes.size and quotes.size:  # a quote after an odd run of backslashes is escaped
+        starts = np.flatnonzero(np.diff(slashes, prepend=-2) != 1)  # where each run of backslashes begins
+        run = np.arange(slashes.size) - starts[np.searchsorted(starts, np.arange(slashes.size), "right") - 1] + 1
+        k = np.searchsorted(slashes, quotes - 1)  # the backslash just before each quote, if there is one
+        hit = k < slashes.size
+        before = np.zeros(quotes.size, np.int64)
+        before[hit] = np.where(slashes[k[hit]] == quotes[hit] - 1, run[k[hit]], 0)
+        quotes = quotes[before % 2 == 0]
+    opening = (b == ord("[")) | (b == ord("{"))
+    brackets = np.flatnonzero(opening | (b == ord("]")) | (b == ord("}")))
+    outside = np.searchsorted(quotes, brackets) % 2 == 0  # an even number of quotes before: not in a string
+    steps = np.where(opening[brackets[outside]], 1, -1)
     return int(np.cumsum(steps).max(initial=0))
 
 
@@ -193,6 +206,11 @@ async def _read_body(receive: Receive, cap: int, deadline: float) -> bytes:
             return b"".join(chunks)
 
 
+async def _depth(body: bytes) -> int:
+    """json_depth, on a worker thread for a long body (numpy lets go of the GIL): the event loop stays free."""
+    return json_depth(body) if len(body) < OFF_LOOP_BYTES else await asyncio.to_thread(json_depth, body)
+
+
 def _checked_whole(scope: Scope, receive: Receive, cap: int, deadline: float, max_depth: int,
                    state: _Body) -> Receive:
     """A receive whose first call reads the whole body, checks its length (400/413/408) and JSON depth (422) and
@@ -208,7 +226,7 @@ def _checked_whole(scope: Scope, receive: Receive, cap: int, deadline: float, ma
             _check_length(scope, cap, False)
             body = await _read_body(receive, cap, deadline)
             state.done = True
-            if body.lstrip()[:1] in (b"{", b"[") and json_depth(body) > max_depth:
+            if body.lstrip()[:1] in (b"{", b"[") and await _depth(body) > max_depth:
                 raise _Refused(422, f"body: JSON nested deeper than {max_depth} levels", "validation")
         except _Refused as e:
             raise _http_error(e) from None

@@ -15,10 +15,9 @@ from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, to_api_error, validation
 from server.api.generate import stream_response
-from server.api.limits import check_text
 from server.api.logprobs import chat_logprobs, chat_top, completion_logprobs, completion_top
 from server.api.schemas import Lenient, check_stops, sampling_params
-from server.api.service import Generation, StartedDep, TokenOut, encode, run_or_cancel, start_many, visible_tasks
+from server.api.service import Generation, StartedDep, TokenOut, run_or_cancel, start_many, visible_tasks
 from server.engine.sampling import SamplingParams
 from server.tenants.namespaces import split_stored
 
@@ -112,14 +111,16 @@ def _params(state: AppState, r: _Common, max_tokens: int | None,
     return out, stops
 
 
-def _prompts(state: AppState, prompt: Any) -> list[list[int]]:
+async def _prompts(state: AppState, prompt: Any) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [encode(state, prompt, field="prompt")]
+        return [await state.tokenizing.encode(prompt, field="prompt")]
     if not prompt:
         raise validation("prompt: must not be empty")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
-    return [encode(state, p, field="prompt") if isinstance(p, str) else list(p) for p in prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return await state.tokenizing.encode_many(prompt, field="prompt")
+    return [list(p) for p in prompt]
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, TokenOut]]:
@@ -187,7 +188,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         raise validation("suffix: not supported by this server")
     top = completion_top(body.logprobs)
     params, stops = _params(state, body, body.max_tokens, top)
-    prompts = _prompts(state, body.prompt)
+    prompts = await _prompts(state, body.prompt)
     task = _task(state, body.model)
     jobs = [(task, ids, sp, stops) for ids in prompts for sp in params]
     gens = await start_many(state, caller, started, jobs, "v1_completions")
@@ -214,10 +215,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     return JSONResponse({**head, "choices": choices, "usage": _usage(gens)}, headers=_headers(gens))
 
 
-def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
-    tok = state.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise validation("model: the base model has no chat template; use /v1/completions")
+async def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
     if not messages:
         raise validation("messages: must not be empty")
     convo = []
@@ -226,14 +224,7 @@ def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int]:
         if isinstance(content, list):
             content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
         convo.append({"role": m.role, "content": content or ""})
-    try:
-        text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # a template may reject roles or orders (jinja raises its own errors)
-        raise validation(f"messages: the chat template refused them ({e})") from None
-    ids = tok(check_text(text, "messages"), add_special_tokens=False)["input_ids"]  # the template writes any BOS
-    if not ids:
-        raise validation("messages: the chat template produced no tokens")
-    return ids
+    return await state.tokenizing.encode_chat(convo)
 
 
 @router.post("/chat/completions")
@@ -242,7 +233,7 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep,
     """OpenAI chat completions for models with a chat template; `model` is the task."""
     top = chat_top(body.logprobs, body.top_logprobs)
     params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens, top)
-    ids = _chat_prompt(state, body.messages)
+    ids = await _chat_prompt(state, body.messages)
     jobs = [(_task(state, body.model), ids, sp, stops) for sp in params]
     gens = await start_many(state, caller, started, jobs, "v1_chat")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),

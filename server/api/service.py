@@ -12,7 +12,6 @@ from fastapi import Depends, Request
 from prefix_store.artifact import Manifest
 from server.api.deps import AppState
 from server.api.errors import APIError, validation
-from server.api.limits import check_text
 from server.api.text import IncrementalDecoder, StopMatcher
 from server.engine.device_prefix import DevicePrefix
 from server.engine.request import GenerationResult, RequestHandle
@@ -44,18 +43,6 @@ async def visible_tasks(state: AppState, caller: Caller) -> dict[str, tuple[str,
     names = set(listing)
     seen = ((public_name(caller, stored, names), stored, m) for stored, m in listing.items())
     return {public: (stored, m) for public, stored, m in sorted(seen, key=lambda x: x[0] or "") if public}
-
-
-def encode(state: AppState, text: str, *, field: str = "inputs", truncate: int | None = None) -> list[int]:
-    """Tokenise a prompt (with the tokenizer's default special tokens); keep the last `truncate` tokens."""
-    if not isinstance(text, str) or not text:
-        raise validation(f"{field}: must be a non-empty string")
-    ids = state.tokenizer(check_text(text, field))["input_ids"]
-    if truncate is not None:
-        ids = ids[-truncate:]
-    if not ids:
-        raise validation(f"{field}: must contain at least one token")
-    return ids
 
 
 @dataclass
