@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fix-mrs", action="store_true", help="E2E: reduce each training MR to the attributes its "
+                   "reference expresses; drop pairs whose reference states wrong or extra values")
+    p.add_argument("--swap-values", action="store_true", help="E2E: each epoch, draw every pair's venue type and "
+                   "food from the E2E ontology and rewrite its MR and text to match")
     p.add_argument("--device", default="cpu")
     p.add_argument("--push", metavar="URL", help="upload the prefix to a running server (needs --task)")
     p.add_argument("--task", help="the prefix name on the server")
@@ -56,11 +61,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--finetuned", help="a fine-tuned model directory (run_dir/model)")
     p.add_argument("--shots", type=int, default=0, help="untuned model: number of training examples in the prompt")
     p.add_argument("--instruction", default=None, help="untuned model: task description (default: a built-in one)")
-    p.add_argument("--beams", type=int, default=5, help="1 = greedy")
+    p.add_argument("--beams", type=int, default=5, help="1 = greedy (decoded by the server's engine, batched)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="greedy: rows the engine decodes at once")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-inputs", type=int, default=0, help="score a seeded random subset of distinct inputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--swap-values", action="store_true", help="E2E: score the split with each MR's venue type and "
+                   "food swapped as training's validation pairs are (references rewritten to match)")
     p.add_argument("--out", help="write predictions.jsonl and metrics.json here")
     p.set_defaults(func=cmd_evaluate)
 
@@ -86,10 +94,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(method=mcfg, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
                       batch_size=args.batch_size, warmup_steps=args.warmup_steps, max_len=args.max_len,
                       max_train=args.max_train, max_valid=args.max_valid, log_every=args.log_every,
-                      eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+                      eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                      fix_mrs=args.fix_mrs, swap_values=args.swap_values)
     loaded = load_model(args.model, device=args.device, dtype="float32")
     data = load_data(args.data, seed=args.seed)
     s = train(loaded, data, cfg, args.out)
+    s["command"] = "prefixserve " + shlex.join(sys.argv[1:])  # as typed (python -m trainer.cli: the same)
+    (Path(args.out) / "summary.json").write_text(json.dumps(s, indent=1))
     print(f"trainable parameters: {s['trained_params']:,} ({100 * s['trained_share']:.4f}% of "
           f"{s['base_params']:,}); stored in the artifact: {s['stored_params']:,} ({100 * s['stored_share']:.4f}%)")
     print(f"{s['steps']} steps in {s['train_seconds']:.0f} s; outputs in {args.out}")
@@ -118,16 +129,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.lora:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(loaded.model, args.lora)
+        # merged into the weights: the same function (up to fp32 rounding), decodable by the engine
+        model = loaded.model = PeftModel.from_pretrained(loaded.model, args.lora).merge_and_unload()
     data = load_data(args.data, seed=args.seed)
     examples = data.test if args.split == "test" else data.valid
+    if args.swap_values:
+        from trainer.e2e_data import swap_values
+
+        examples = [swap_values(e, -1 - args.seed) for e in examples]
     untuned = not (args.prefix or args.lora or args.finetuned)
     instruction = args.instruction if args.instruction is not None else (DEFAULT_INSTRUCTION if untuned else "")
     shots = data.train[:: max(1, len(data.train) // max(args.shots, 1))][:args.shots] if args.shots else []
     with torch.inference_mode():
         r = evaluate(loaded, model, kv, examples, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
                      max_inputs=args.max_inputs, seed=args.seed, shots=shots, instruction=instruction,
-                     out=args.out)
+                     out=args.out, max_batch_size=args.max_batch_size)
     print(json.dumps(r, indent=1))
     return 0
 

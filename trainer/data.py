@@ -37,6 +37,7 @@ class Example:
 
     input: str
     output: str
+    group: str = ""  # a subset evaluation also reports apart (WebNLG test: "seen" / "unseen" categories)
 
 
 @dataclass
@@ -117,7 +118,8 @@ def read_webnlg_xml(path: str | Path) -> list[Example]:
         if any(len(t) != 3 for t in triples):
             raise ValueError(f"{path}: malformed triple in entry {entry.get('eid')}: {triples}")
         src = linearise_triples(triples)  # type: ignore[arg-type]
-        out += [Example(src, " ".join((lex.text or "").split())) for lex in entry.iter("lex")]
+        cat = entry.get("category", "")
+        out += [Example(src, " ".join((lex.text or "").split()), cat) for lex in entry.iter("lex")]
     return out
 
 
@@ -133,11 +135,14 @@ def read_webnlg_json(path: str | Path) -> list[Example]:
 
 
 def load_webnlg(root: Path | None = None) -> DataSplits:
-    """WebNLG 2017: train/**/*.xml, dev.json as validation, test/testdata_with_lex.xml as test."""
+    """WebNLG 2017: train/**/*.xml, dev.json as validation, test/testdata_with_lex.xml as test; test examples are
+    grouped "seen" (a category of the training set) or "unseen"."""
     d = (root or data_dir()) / "webnlg"
     train = [e for f in sorted((d / "train").rglob("*.xml")) for e in read_webnlg_xml(f)]
-    return DataSplits(train, read_webnlg_json(d / "dev.json"), read_webnlg_xml(d / "test" / "testdata_with_lex.xml"),
-                      WEBNLG_INPUT_FORMAT, "webnlg")
+    seen = {e.group for e in train}
+    test = [Example(e.input, e.output, "seen" if e.group in seen else "unseen")
+            for e in read_webnlg_xml(d / "test" / "testdata_with_lex.xml")]
+    return DataSplits(train, read_webnlg_json(d / "dev.json"), test, WEBNLG_INPUT_FORMAT, "webnlg")
 
 
 # ---------------------------------------------------------------- user files

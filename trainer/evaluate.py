@@ -1,4 +1,5 @@
-"""Evaluation: decode one output per distinct input (greedy or beam search) and score it with the E2E metrics."""
+"""Evaluation: decode one output per distinct input (greedy through the server's engine, or beam search) and score
+it: the E2E metrics, TER, and for E2E the slot error rate."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,14 @@ from tqdm import tqdm
 
 from basemodel.model import LoadedModel
 from prefix_store.artifact import load_dir, validate
+from server.engine.engine import Engine, EngineConfig
+from server.engine.prefix_cache import DevicePrefix
+from server.engine.sampling import SamplingParams
 from trainer.data import Example, group_references, prompt_for
 from trainer.generate import generate, stop_token_ids
-from trainer.metrics import e2e_metrics
+from trainer.metrics import corpus_ter, e2e_metrics
 from trainer.seq2seq import Seq2SeqPrefix, generate_seq2seq
+from trainer.slots import SlotReport, is_e2e_input, slot_errors
 
 logger = logging.getLogger(__name__)
 
@@ -57,32 +62,94 @@ def select_inputs(examples: list[Example], max_inputs: int, seed: int) -> tuple[
     return inputs, refs
 
 
+def engine_prefix(kv: torch.Tensor | Seq2SeqPrefix | None) -> DevicePrefix | None:
+    """The prefix as the engine takes it (unpinned: nothing releases it to a cache)."""
+    if kv is None:
+        return None
+    if isinstance(kv, Seq2SeqPrefix):
+        t = kv.tensors
+        return DevicePrefix("eval", t.get("kv"), encoder_kv=t.get("encoder_kv"), cross_kv=t.get("cross_kv"),
+                            positions=kv.positions)
+    return DevicePrefix("eval", kv)
+
+
+def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tensor | Seq2SeqPrefix | None,
+                  stops: set[int], max_new_tokens: int = 64, max_batch_size: int = 64,
+                  progress: bool = True) -> list[list[int]]:
+    """Greedy outputs (stop token excluded) of every prompt, decoded by the server's engine in one continuously
+    batched run: what a client sending these prompts with greedy settings would get."""
+    engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, max_queue=max(len(prompts), 1)))
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(sorted(stops)))
+    prefix = engine_prefix(kv)
+    engine.start()
+    try:
+        handles = [engine.submit(p, params, prefix, loop=None) for p in prompts]
+        outs = []
+        for h in tqdm(handles, disable=not progress, desc="decode greedy (engine)"):
+            r = h.wait(None)  # no deadline: a paused (SIGSTOP) run resumes where it was
+            if r.finish_reason == "error":
+                raise RuntimeError(f"engine failed: {r.error}")
+            ids = list(r.token_ids)
+            outs.append(ids[:-1] if ids and (ids[-1] in stops or ids[-1] in engine.eos_token_ids) else ids)
+    finally:
+        engine.stop()
+    return outs
+
+
 def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPrefix | None,
              examples: list[Example], *,
              num_beams: int = 5, max_new_tokens: int = 64, max_inputs: int = 0, seed: int = 0,
              shots: list[Example] | None = None, instruction: str = "", out: str | Path | None = None,
-             progress: bool = True, use_java: bool | None = None) -> dict:
-    """Decode and score; writes predictions.jsonl and metrics.json into `out` when given."""
+             progress: bool = True, use_java: bool | None = None, max_batch_size: int = 64) -> dict:
+    """Decode and score (greedy through the engine, beam search one input at a time); writes predictions.jsonl
+    and metrics.json into `out` when given. E2E inputs also get the slot error rate; groups of examples (WebNLG's
+    seen / unseen categories) are also scored apart."""
     tok = loaded.tokenizer
     stops = stop_token_ids(tok)
     decode = DECODERS[loaded.spec.is_encoder_decoder][0]
     inputs, refs = select_inputs(examples, max_inputs, seed)
+    prompts = [tok(few_shot_prompt(instruction, shots or [], text) if instruction or shots else prompt_for(text))
+               ["input_ids"] for text in inputs]
     model.eval()
-    hyps, t0 = [], time.perf_counter()
-    for text in tqdm(inputs, disable=not progress, desc=f"decode beam={num_beams}"):
-        prompt = few_shot_prompt(instruction, shots or [], text) if instruction or shots else prompt_for(text)
-        ids = decode(model, tok(prompt)["input_ids"], kv, stops, num_beams, max_new_tokens)
-        hyps.append(tok.decode(ids, skip_special_tokens=True).strip())
+    t0 = time.perf_counter()
+    if num_beams == 1 and model is loaded.model:
+        outs = decode_greedy(loaded, prompts, kv, stops, max_new_tokens, max_batch_size, progress)
+    else:
+        outs = [decode(model, p, kv, stops, num_beams, max_new_tokens)
+                for p in tqdm(prompts, disable=not progress, desc=f"decode beam={num_beams}")]
+    hyps = [tok.decode(ids, skip_special_tokens=True).strip() for ids in outs]
     decode_s = time.perf_counter() - t0
-    scores = e2e_metrics(hyps, refs, use_java)
-    result = {"metrics": scores, "inputs": len(inputs), "num_beams": num_beams, "max_new_tokens": max_new_tokens,
-              "decode_seconds": decode_s, "seed": seed}
+    result = {"metrics": score(inputs, hyps, refs, use_java), "inputs": len(inputs), "num_beams": num_beams,
+              "max_new_tokens": max_new_tokens, "decode_seconds": decode_s, "seed": seed}
+    slots = slot_errors(inputs, hyps) if all(is_e2e_input(i) for i in inputs) else None
+    if slots is not None:
+        result["slot_errors"] = slots.as_dict()
+    group_of = {e.input: e.group for e in examples}
+    for g in sorted({group_of[i] for i in inputs} - {""}):
+        keep = [k for k, i in enumerate(inputs) if group_of[i] == g]
+        result.setdefault("groups", {})[g] = {"inputs": len(keep), "metrics": score(
+            [inputs[k] for k in keep], [hyps[k] for k in keep], [refs[k] for k in keep], use_java)}
     if out is not None:
-        o = Path(out)
-        o.mkdir(parents=True, exist_ok=True)
-        with open(o / "predictions.jsonl", "w") as f:
-            for text, h, r in zip(inputs, hyps, refs):
-                f.write(json.dumps({"input": text, "output": h, "references": r}) + "\n")
-        (o / "metrics.json").write_text(json.dumps(result, indent=1))
-    logger.info("scores on %d inputs: %s", len(inputs), scores)
+        _write(Path(out), inputs, hyps, refs, slots, result)
+    logger.info("scores on %d inputs: %s", len(inputs), result["metrics"])
     return result
+
+
+def score(inputs: list[str], hyps: list[str], refs: list[list[str]], use_java: bool | None = None) -> dict:
+    """The E2E metrics and TER; for E2E inputs also the slot error rate (SER)."""
+    scores = {**e2e_metrics(hyps, refs, use_java), "TER": corpus_ter(hyps, refs)}
+    if all(is_e2e_input(i) for i in inputs):
+        scores["SER"] = slot_errors(inputs, hyps).total.rate
+    return scores
+
+
+def _write(o: Path, inputs: list[str], hyps: list[str], refs: list[list[str]], slots: SlotReport | None,
+           result: dict) -> None:
+    o.mkdir(parents=True, exist_ok=True)
+    with open(o / "predictions.jsonl", "w") as f:
+        for k, (text, h, r) in enumerate(zip(inputs, hyps, refs)):
+            row = {"input": text, "output": h, "references": r}
+            if slots is not None:
+                row["slot_errors"] = slots.per_output[k]
+            f.write(json.dumps(row) + "\n")
+    (o / "metrics.json").write_text(json.dumps(result, indent=1))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,8 +25,10 @@ from basemodel.model import LoadedModel
 from prefix_store.artifact import PrefixArtifact, build_artifact, save_dir
 from prefix_store.peft_io import export_peft, write_dir
 from trainer.data import DataSplits, Example, prompt_for
+from trainer.e2e_data import fix_mrs, swap_values
 from trainer.methods import PREFIX_METHODS, MethodConfig, TaskModel, parameter_counts
 from trainer.seq2seq import Seq2SeqTaskModel, collate_seq2seq, encode_seq2seq, seq2seq_loss
+from trainer.slots import is_e2e_input
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,12 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     seed: int = 0
+    fix_mrs: bool = False  # E2E: MRs reduced to what their references say (trainer.e2e_data.fix_mrs)
+    swap_values: bool = False  # E2E: venue type and food drawn anew from the ontology each epoch (swap_values)
+
+
+# Fields that only say when to log, validate and save: a run may resume with other values for them.
+RESUMABLE_CHANGES = {"eval_every", "save_every", "log_every"}
 
 
 def set_seed(seed: int) -> None:
@@ -153,6 +163,49 @@ def _batches_for_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[l
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def training_examples(data: DataSplits, cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """The training and validation pairs the run uses (E2E fixing applied to both, then subsampled); validation
+    pairs get one fixed value swap when training swaps values."""
+    train_ex, valid_ex = data.train, data.valid
+    if cfg.fix_mrs or cfg.swap_values:
+        if not all(is_e2e_input(e.input) for e in train_ex + valid_ex):
+            raise ValueError("--fix-mrs and --swap-values apply to E2E meaning representations only")
+    if cfg.fix_mrs:
+        train_ex, valid_ex = fix_mrs(train_ex), fix_mrs(valid_ex)
+    valid_ex = subsample(valid_ex, cfg.max_valid, cfg.seed)
+    if cfg.swap_values:
+        valid_ex = [swap_values(e, -1 - cfg.seed) for e in valid_ex]
+    return subsample(train_ex, cfg.max_train, cfg.seed), valid_ex
+
+
+class EpochRows:
+    """The encoded training rows of each epoch: the same every epoch, or re-drawn per epoch with swap_values."""
+
+    def __init__(self, recipe: Recipe, tokenizer, examples: list[Example], cfg: TrainConfig):
+        self.recipe, self.tokenizer, self.examples, self.cfg = recipe, tokenizer, examples, cfg
+        self.epoch, self.rows = -1, recipe.encode(tokenizer, examples, cfg.max_len)
+
+    def __call__(self, epoch: int) -> list:
+        """Rows of this epoch (encoded once per epoch)."""
+        if self.cfg.swap_values and epoch != self.epoch:
+            swapped = [swap_values(e, self.cfg.seed * 1000 + epoch) for e in self.examples]
+            self.epoch, self.rows = epoch, self.recipe.encode(self.tokenizer, swapped, self.cfg.max_len)
+        return self.rows
+
+
+def machine() -> dict:
+    """Where a run ran: CPU model, core count and torch threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
 def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Path,
           progress: bool = True) -> dict:
     """Train one method on `data`, writing the run directory `out`; returns the summary dict."""
@@ -160,9 +213,10 @@ def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     recipe = recipe_for(loaded)
-    train_ex = subsample(data.train, cfg.max_train, cfg.seed)
-    rows = recipe.encode(loaded.tokenizer, train_ex, cfg.max_len)
-    valid_rows = recipe.encode(loaded.tokenizer, subsample(data.valid, cfg.max_valid, cfg.seed), cfg.max_len)
+    train_ex, valid_ex = training_examples(data, cfg)
+    epoch_rows = EpochRows(recipe, loaded.tokenizer, train_ex, cfg)
+    rows = epoch_rows.rows
+    valid_rows = recipe.encode(loaded.tokenizer, valid_ex, cfg.max_len)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     task = recipe.task(loaded, cfg.method)
     counts = parameter_counts(task)
@@ -175,25 +229,18 @@ def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Pa
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg.warmup_steps, total)
-    step, elapsed, ckpt = 0, 0.0, out / "checkpoint.pt"
+    step, elapsed, cpu, ckpt = 0, 0.0, 0.0, out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=loaded.device, weights_only=False)
-        named = dict(task.named_parameters())
-        for n, t in state["params"].items():
-            named[n].data.copy_(t)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, elapsed = state["step"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
-        logger.info("resumed from %s at step %d", ckpt, step)
+        step, elapsed, cpu = resume(ckpt, task, opt, sched, cfg)
+        _trim_log(out / "metrics.jsonl", step)
     log = open(out / "metrics.jsonl", "a")
     task.train()
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {cfg.method.method}")
-    t0 = time.perf_counter() - elapsed
+    t0, c0 = time.perf_counter() - elapsed, time.process_time() - cpu
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         idx = _batches_for_epoch(len(rows), cfg.batch_size, cfg.seed, epoch)[k]
-        *inputs, labels = recipe.collate([rows[i] for i in idx], pad, loaded.device)
+        *inputs, labels = recipe.collate([epoch_rows(epoch)[i] for i in idx], pad, loaded.device)
         loss = recipe.loss(task(*inputs), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,19 +259,57 @@ def train(loaded: LoadedModel, data: DataSplits, cfg: TrainConfig, out: str | Pa
             log.write(json.dumps({"step": step, "valid_loss": vl, "time": time.perf_counter() - t0}) + "\n")
         log.flush()
         if step % cfg.save_every == 0 or step == total:
-            torch.save({"params": _trainable_state(task), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "elapsed": time.perf_counter() - t0, "rng": torch.get_rng_state()}, ckpt)
+            _save(ckpt, {"params": _trainable_state(task), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                         "step": step, "elapsed": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                         "rng": torch.get_rng_state(), "config": asdict(cfg)})
     bar.close()
     log.close()
     train_time = time.perf_counter() - t0
     task.eval()
     summary = {"config": asdict(cfg), "data": data.name, "model": loaded.name, "train_pairs": len(rows),
                "steps": step, "steps_per_epoch": steps_per_epoch, "train_seconds": train_time,
-               "seconds_per_epoch": train_time / max(step / steps_per_epoch, 1e-9), **counts}
+               "cpu_seconds": time.process_time() - c0,
+               "seconds_per_epoch": train_time / max(step / steps_per_epoch, 1e-9), "machine": machine(), **counts}
     save_outputs(task, data, cfg, out, summary)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def resume(ckpt: Path, task: nn.Module, opt: torch.optim.Optimizer, sched, cfg: TrainConfig) -> tuple[int, float,
+                                                                                                     float]:
+    """Load a checkpoint into the task, optimiser, scheduler and RNG; returns (step, wall seconds, CPU seconds).
+    Refuses a checkpoint written with other settings than those that only say when to log, validate and save."""
+    state = torch.load(ckpt, map_location=task.loaded.device, weights_only=False)
+    was, now = state.get("config"), asdict(cfg)
+    if was is not None:
+        changed = sorted(k for k in set(was) | set(now) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"{ckpt} was written with other settings ({', '.join(changed)}: "
+                             f"{[was.get(k) for k in changed]} -> {[now.get(k) for k in changed]}); resume with "
+                             "the same settings or use another --out")
+    named = dict(task.named_parameters())
+    for n, t in state["params"].items():
+        named[n].data.copy_(t)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    logger.info("resumed from %s at step %d", ckpt, state["step"])
+    return state["step"], state["elapsed"], state.get("cpu", 0.0)
+
+
+def _save(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically (a run killed while saving keeps the previous one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log lines of steps after the checkpoint (they are run again)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 def save_outputs(task: nn.Module, data: DataSplits, cfg: TrainConfig, out: Path, summary: dict) -> None:

@@ -150,6 +150,17 @@ def coco_metrics(hyps: list[str], refs: list[list[str]], use_java: bool | None =
     return out
 
 
+def corpus_ter(hyps: list[str], refs: list[list[str]]) -> float:
+    """TER (sacrebleu's tercom port, case-insensitive, edits over the closest reference) as a fraction; lower is
+    better. WebNLG 2017 reports it beside BLEU and METEOR."""
+    from sacrebleu.metrics import TER
+
+    _check(hyps, refs)
+    n = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(n)]
+    return TER(case_sensitive=False).corpus_score(hyps, streams).score / 100
+
+
 def e2e_metrics(hyps: list[str], refs: list[list[str]], use_java: bool | None = None) -> dict[str, float | None]:
     """All five E2E metrics; BLEU, METEOR and ROUGE-L as fractions in [0, 1], as the E2E script prints them."""
     return {"BLEU": corpus_bleu(hyps, refs), "NIST": corpus_nist(hyps, refs), **coco_metrics(hyps, refs, use_java)}

@@ -22,6 +22,18 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v * scale:.{digits}f}"
 
 
+def _training(s: dict) -> str:
+    if not s:
+        return "-"
+    cpu = f", CPU {s['cpu_seconds'] / 60:.0f} min" if "cpu_seconds" in s else ""
+    return f"{s['steps']} steps, {s['train_seconds'] / 60:.0f} min wall{cpu}"
+
+
+def _machine(s: dict) -> str:
+    m = s.get("machine")
+    return f"{m['cpu']}, {m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}" if m else "-"
+
+
 def row(label: str, run_dir: str, eval_dir: str) -> str:
     """One markdown table row from a run and its evaluation."""
     ev = json.loads((Path(eval_dir) / "metrics.json").read_text())
@@ -29,11 +41,10 @@ def row(label: str, run_dir: str, eval_dir: str) -> str:
     s = json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir != "-" else {}
     trained = f"{100 * s['trained_share']:.3f}%" if s else "0"
     stored = f"{100 * s['stored_share']:.4f}%" if s else "0"
-    t = f"{s['train_seconds'] / 60:.1f} min / {s['steps']} steps" if s else "-"
     dec = "greedy" if ev["num_beams"] == 1 else f"beam {ev['num_beams']}"
     return (f"| {label} | {_fmt(m['BLEU'], 100, 1)} | {_fmt(m['NIST'])} | {_fmt(m['METEOR'], 100, 1)} | "
-            f"{_fmt(m['ROUGE_L'], 100, 1)} | {_fmt(m['CIDEr'])} | {trained} | {stored} | {t} | {dec}, "
-            f"{ev['inputs']} MRs |")
+            f"{_fmt(m['ROUGE_L'], 100, 1)} | {_fmt(m['CIDEr'])} | {_fmt(m.get('SER'), 100, 1)} | {trained} | "
+            f"{stored} | {_training(s)} | {_machine(s)} | {dec}, {ev['inputs']} MRs |")
 
 
 def _label(line: str) -> str:
@@ -43,11 +54,11 @@ def _label(line: str) -> str:
 def table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
     """The results table: `kept` rows (markdown lines) with same-label rows replaced, new rows appended, then the
     paper's rows for context."""
-    head = ("| system | BLEU | NIST | METEOR | ROUGE-L | CIDEr | params trained | params stored | training | "
-            "decoding, test MRs |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| system | BLEU | NIST | METEOR | ROUGE-L | CIDEr | SER % | params trained | params stored | training | "
+            "machine | decoding, test MRs |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     new = {label: row(label, run, ev) for label, run, ev in rows}
     ours = [new.pop(_label(line), line) for line in kept] + list(new.values())
-    paper = [f"| {p[0]} | {p[1]} | {p[2]} | {p[3]} | {p[4]} | {p[5]} | | | | beam 5, 630 MRs |" for p in PAPER]
+    paper = [f"| {p[0]} | {p[1]} | {p[2]} | {p[3]} | {p[4]} | {p[5]} | | | | | | beam 5, 630 MRs |" for p in PAPER]
     return "\n".join([head, *ours, *paper])
 
 

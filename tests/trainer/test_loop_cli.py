@@ -16,8 +16,8 @@ DATA = DataSplits(EX[:24], EX[24:], EX[24:], "toy format", "toy")
 
 
 def _cfg(**kw):
-    return loop.TrainConfig(method=MethodConfig(method="prefix", prefix_length=3, mid_dim=8), lr=1e-2,
-                            max_steps=6, batch_size=4, eval_every=3, save_every=2, log_every=1, **kw)
+    kw = {"lr": 1e-2, "max_steps": 6, "batch_size": 4, "eval_every": 3, "save_every": 2, "log_every": 1, **kw}
+    return loop.TrainConfig(method=MethodConfig(method="prefix", prefix_length=3, mid_dim=8), **kw)
 
 
 def test_train_writes_everything_and_resumes_identically(make_model, tmp_path, monkeypatch):
@@ -64,5 +64,38 @@ def test_cli_train_and_evaluate(make_model, tmp_path, capsys):
                  "--prefix", str(tmp_path / "run"), "--beams", "2", "--max-new-tokens", "4", "--max-inputs", "1",
                  "--out", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert result["inputs"] == 1 and set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert result["inputs"] == 1 and set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr",
+                                                                    "TER", "SER"}
     assert len((tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_refuses_other_settings_and_keeps_one_log_line_per_step(make_model, tmp_path):
+    loop.train(make_model("llama"), DATA, _cfg(max_valid=0), tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        loop.train(make_model("llama"), DATA, _cfg(max_valid=0, lr=0.5), tmp_path / "r", progress=False)
+    # when to log / save may change; a resumed run re-logs the steps after its checkpoint once
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    ckpt["step"] = 4
+    torch.save(ckpt, tmp_path / "r" / "checkpoint.pt")
+    s = loop.train(make_model("llama"), DATA, _cfg(max_valid=0, save_every=3), tmp_path / "r", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert s["machine"]["cpu"] and s["cpu_seconds"] > 0
+
+
+E2E_EX = [Example(f"name : N{i % 5} | Type : coffee shop | food : {'English' if i % 2 else 'Chinese'} | "
+                  f"area : riverside", f"N{i % 5} is a coffee shop serving {'English' if i % 2 else 'Chinese'} food"
+                  + (" by the river." if i % 3 else ".")) for i in range(24)]
+
+
+def test_fix_mrs_and_swap_values_change_what_is_trained_on(make_model, tmp_path):
+    data = DataSplits(E2E_EX[:20], E2E_EX[20:], E2E_EX[20:], "e2e", "e2e")
+    cfg = _cfg(fix_mrs=True, swap_values=True)
+    train_ex, valid_ex = loop.training_examples(data, cfg)
+    assert sum("area" in e.input for e in train_ex) == sum(bool(i % 3) for i in range(20))
+    rows = loop.EpochRows(loop.recipe_for(make_model("llama")), make_model("llama").tokenizer, train_ex, cfg)
+    assert rows(0) != rows(1) and rows(1) == rows(1)  # drawn anew each epoch, once per epoch
+    assert loop.train(make_model("llama"), data, cfg, tmp_path / "e", progress=False)["steps"] == 6
+    triples = [Example("Alan Bean : occupation : Test pilot", "Alan Bean was a test pilot.")] * 4
+    with pytest.raises(ValueError, match="E2E"):
+        loop.training_examples(DataSplits(triples, triples, triples, "webnlg", "webnlg"), _cfg(swap_values=True))

@@ -11,17 +11,18 @@ def test_results_table_from_run_and_eval_dirs(tmp_path):
     run.mkdir()
     ev.mkdir()
     (run / "summary.json").write_text(json.dumps({"trained_share": 0.0461, "stored_share": 0.000856,
-                                                  "train_seconds": 948.0, "steps": 250}))
+                                                  "train_seconds": 948.0, "cpu_seconds": 601.0, "steps": 250,
+                                                  "machine": {"cpu": "AMD EPYC", "torch_threads": 1}}))
     (ev / "metrics.json").write_text(json.dumps({"metrics": {"BLEU": 0.617, "NIST": 7.35, "METEOR": 0.399,
-                                                             "ROUGE_L": 0.65, "CIDEr": 2.14},
+                                                             "ROUGE_L": 0.65, "CIDEr": 2.14, "SER": 0.0312},
                                                  "num_beams": 5, "inputs": 50}))
     out = tmp_path / "results.md"
     out.write_text("intro\n<!-- RESULTS -->\nold\n<!-- /RESULTS -->\nnotes\n")
     assert main(["--row", "prefix", str(run), str(ev), "--row", "untuned", "-", str(ev), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| prefix | 61.7 | 7.35 | 39.9 | 65.0 | 2.14 | 4.610% | 0.0856% | 15.8 min / 250 steps | beam 5, 50 MRs |" \
-        in text
-    assert "| untuned | 61.7 | 7.35 | 39.9 | 65.0 | 2.14 | 0 | 0 | - |" in text
+    assert ("| prefix | 61.7 | 7.35 | 39.9 | 65.0 | 2.14 | 3.1 | 4.610% | 0.0856% | 250 steps, 16 min wall, CPU 10 min "
+            "| AMD EPYC, 1 thread | beam 5, 50 MRs |") in text
+    assert "| untuned | 61.7 | 7.35 | 39.9 | 65.0 | 2.14 | 3.1 | 0 | 0 | - | - |" in text
     assert "old" not in text and text.startswith("intro\n") and text.endswith("notes\n")
     assert "paper: prefix-tuning, GPT-2 medium | 69.7" in text
 

@@ -1,0 +1,57 @@
+"""Evaluation: greedy decoding through the engine equals the trainer's own decoding; SER, TER and groups."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from trainer.data import Example
+from trainer.evaluate import decode_greedy, evaluate
+from trainer.generate import generate, stop_token_ids
+from trainer.metrics import corpus_ter
+
+E2E = [Example("name : Alpha | Type : pub | food : French", "Alpha is a French pub.", "seen"),
+       Example("name : Alpha | Type : pub | food : French", "Alpha serves French food.", "seen"),
+       Example("name : Beta | area : riverside", "Beta is by the river.", "unseen")]
+
+
+def _prefix(loaded, length: int = 3) -> torch.Tensor:
+    s = loaded.spec
+    torch.manual_seed(1)
+    return torch.randn(s.num_layers, 2, s.num_kv_heads, length, s.head_dim)  # [layers, 2, kv_heads, P, head_dim]
+
+
+def test_engine_greedy_equals_the_trainers_greedy_decoding(make_model):
+    loaded = make_model("llama")
+    tok = loaded.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("name : Alpha\n", "a longer prompt than the first one\n", "x\n")]
+    stops = stop_token_ids(tok)
+    for kv in (None, _prefix(loaded)):
+        alone = [generate(loaded.model, p, kv, stops, 1, 12) for p in prompts]
+        assert decode_greedy(loaded, prompts, kv, stops, 12, max_batch_size=2, progress=False) == alone
+
+
+def test_evaluate_scores_slots_ter_and_groups(make_model, tmp_path):
+    loaded = make_model("llama")
+    r = evaluate(loaded, loaded.model, _prefix(loaded), E2E, num_beams=1, max_new_tokens=6, progress=False,
+                 use_java=False, out=tmp_path)
+    assert r["inputs"] == 2 and {"BLEU", "TER", "SER"} <= set(r["metrics"])
+    # a random model writes none of the five values: all missing
+    assert r["slot_errors"]["values"] == 5 and r["metrics"]["SER"] >= 0.8
+    assert set(r["groups"]) == {"seen", "unseen"} and r["groups"]["seen"]["inputs"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert "name" in rows[0]["slot_errors"]["missing"] or "name" not in rows[0]["output"]
+    beam = evaluate(loaded, loaded.model, None, E2E, num_beams=2, max_new_tokens=4, progress=False, use_java=False)
+    assert beam["num_beams"] == 2 and "SER" in beam["metrics"]
+
+
+def test_non_e2e_inputs_have_no_slot_error_rate(make_model):
+    loaded = make_model("llama")
+    ex = [Example("Alan Bean : occupation : Test pilot", "Alan Bean was a test pilot.")]
+    r = evaluate(loaded, loaded.model, None, ex, num_beams=1, max_new_tokens=4, progress=False, use_java=False)
+    assert "SER" not in r["metrics"] and "slot_errors" not in r and "groups" not in r
+
+
+def test_ter_counts_edits_against_the_closest_reference():
+    assert corpus_ter(["a b c d"], [["a b c d"]]) == 0.0
+    assert corpus_ter(["a b c d"], [["A B X D", "q r s t"]]) == 0.25  # one substitution in four words, any case
