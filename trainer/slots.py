@@ -65,7 +65,7 @@ VALUE_PATTERNS: dict[str, dict[str, str]] = {
     },
     "area": {
         "riverside": r"river(?:side)?|river side|waterfront",
-        "city centre": r"(?:city|town) cent(?:re|er)|cent(?:re|er) of (?:the )?(?:city|town)|centrally|downtown|city",
+        "city centre": r"(?:city|town) cent(?:re|er)|(?:cent(?:re|er)|middle|heart) of (?:the )?(?:city|town)|centrally|downtown|city",
     },
     "family friendly": {
         "yes": r"(?:family|families|kids?|child|children|toddlers?)[- ]?(?:friendly|oriented)"

@@ -15,6 +15,7 @@ from server.engine.sampling import SamplingParams
 from tests.tiny import save_tiny_model_dir
 from trainer.bart_prefix import greedy_generate, prefix_logits
 from trainer.data import Example
+from trainer.evaluate import decode_greedy
 from trainer.generate import stop_token_ids
 from trainer.methods import MethodConfig
 from trainer.seq2seq import (Seq2SeqPrefix, Seq2SeqSteps, Seq2SeqTaskModel, collate_seq2seq, encode_seq2seq,
@@ -188,10 +189,15 @@ def test_e2e_run_through_the_cli_trains_saves_and_decodes(bart_dir, tmp_path, ca
     while not handle.done:
         engine.step()
     assert handle.wait(0).token_ids == ref
+    # evaluation's batched greedy path (the engine again, with the artifact as evaluation loads it)
+    eos = {loaded.tokenizer.eos_token_id}
+    assert decode_greedy(loaded, [src, src[:4]], Seq2SeqPrefix.from_artifact(art), eos, 12, progress=False) == [
+        ours, generate_seq2seq(loaded.model, src[:4], Seq2SeqPrefix.from_artifact(art), eos, 1, 12)]
 
     # scoring is covered by test_metrics; here the Python tokeniser path spares two JVM start-ups
     monkeypatch.setattr("trainer.metrics.java_available", lambda: False)
     assert main(["evaluate", "--model", str(bart_dir), "--data", "e2e", "--prefix", str(run), "--beams", "2",
                  "--max-new-tokens", "6", "--max-inputs", "2", "--out", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert result["inputs"] == 2 and set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert result["inputs"] == 2 and set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr",
+                                                                    "TER", "SER"}
