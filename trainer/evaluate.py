@@ -15,7 +15,7 @@ from tqdm import tqdm
 from basemodel.model import LoadedModel
 from prefix_store.artifact import load_dir, validate
 from server.engine.engine import Engine, EngineConfig
-from server.engine.prefix_cache import DevicePrefix
+from server.engine.device_prefix import DevicePrefix
 from server.engine.sampling import SamplingParams
 from trainer.data import Example, group_references, prompt_for
 from trainer.generate import generate, stop_token_ids
