@@ -32,11 +32,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.connections import ConnectionLimits, guarded_protocol
 
     s = Settings.from_args(args)
     logging.getLogger().setLevel(s.log_level.upper())
+    protocol = guarded_protocol(ConnectionLimits(s.header_timeout_s, s.max_connections))
     config = uvicorn.Config(create_app(s), host=s.host, port=s.port, log_level=s.log_level.lower(),
-                            timeout_graceful_shutdown=int(s.shutdown_timeout) or None, access_log=False)
+                            timeout_graceful_shutdown=int(s.shutdown_timeout) or None, access_log=False,
+                            http=protocol, timeout_keep_alive=s.idle_timeout_s)  # type: ignore[arg-type]
     uvicorn.Server(config).run(sockets=[listening_socket(s)] if s.send_buffer_bytes else None)
     return 0
 

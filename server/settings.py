@@ -65,6 +65,16 @@ class Settings(BaseSettings):
                                                             "request body (408), and for each response write to a "
                                                             "client that stops reading (the response ends, its "
                                                             "generation is cancelled)")
+    header_timeout_s: float = Field(10.0, gt=0, description="How long a client has to send its request line and "
+                                                             "headers, from connecting (or from the first byte of "
+                                                             "its next request on a kept-alive connection): past "
+                                                             "it 408 and the connection closes (slow-header "
+                                                             "defence)")
+    idle_timeout_s: float = Field(5.0, gt=0, description="How long a kept-alive connection may sit idle between "
+                                                         "requests before the server closes it")
+    max_connections: int = Field(1000, ge=1, description="Open client connections; one accepted past it gets 503 "
+                                                         "(Retry-After: 1) and is closed. Keep it under the process's "
+                                                         "file limit (ulimit -n)")
     send_buffer_bytes: int = Field(0, ge=0, description="SO_SNDBUF of client connections; 0 = the OS's autotuning "
                                                         "(up to net.ipv4.tcp_wmem's maximum, often 4 MiB). Smaller "
                                                         "bounds the kernel memory a client that stops reading pins, "
