@@ -51,23 +51,24 @@ def run_in_process(model_dir: Path, adapters: list[dict[str, bytes]], jobs: list
     ends, the arrival pattern of the HTTP run) and `all_at_once` (every request submitted together)."""
     from basemodel.convert import artifact_from_files
     from basemodel.model import load_model
-    from server.engine.device_prefix import PrefixCache
+    from server.engine.device_prefix import DevicePrefix
     from server.engine.engine import Engine, EngineConfig, generate_sync
     from server.engine.sampling import SamplingParams
+    from server.tiers.tiers import Tiers
 
     import torch
 
     torch.set_num_threads(1)  # the same as the server process (OMP_NUM_THREADS=1 in start_server)
     loaded = load_model(str(model_dir))
     engine = Engine(loaded, EngineConfig(max_batch_size=clients, max_seq_len=1024))
-    cache = PrefixCache(1 << 30, loaded.device, loaded.dtype)
+    tiers = Tiers(1 << 30, 0, lambda v, a: DevicePrefix.from_artifact(v, a, loaded.device, loaded.dtype))
     arts = [artifact_from_files(a, loaded) for a in adapters]
-    for a in arts:  # resident, unpinned; each request below pins its prefix once, the engine releases it
-        cache.acquire(a.manifest.sha256, lambda a=a: a).release()
+    for a in arts:  # resident, unpinned; each request below leases its prefix once, the request gives it back
+        tiers.lease(a.manifest.sha256, lambda a=a: a).release()
     versions = [a.manifest.sha256 for a in arts]
     sp = SamplingParams(max_new_tokens=new, ignore_eos=True)
     prompts = [loaded.tokenizer(text)["input_ids"] for _, text in jobs]
-    pins = lambda idx: [cache.acquire(versions[jobs[i][0]], None) for i in idx]  # noqa: E731 (one pin a request)
+    pins = lambda idx: [tiers.lease_resident(versions[jobs[i][0]]) for i in idx]  # noqa: E731 (one a request)
 
     async def closed_loop() -> int:
         async def client(idx: list[int]) -> int:

@@ -166,6 +166,11 @@ class PrefixArtifact:
         """Decoder cross-attention prefix [num_layers, 2, kv_heads, cross_prefix_length, head_dim], or None."""
         return self.tensors.get("cross_kv")
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes its tensors hold in memory."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
     def to_bytes(self) -> tuple[bytes, bytes]:
         """(manifest JSON, safetensors) as stored and uploaded."""
         return self.manifest.to_json(), st_save({k: v.contiguous() for k, v in self.tensors.items()})

@@ -18,27 +18,27 @@ from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import LimitSettings, RequestLimits
 from server.api.metrics import MetricLabels, Metrics
-from server.engine.device_prefix import PrefixCache
+from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
 from server.settings import Settings
 from server.tenants.audit import add_audit_file
 from server.tenants.directory import TenantDirectory
 from server.tenants.limits import Limits
 from server.tenants.quotas import Quotas
-from server.tiers.host import HostCache
 from server.tiers.registry import TaskRegistry
+from server.tiers.tiers import Tiers
 
 logger = logging.getLogger(__name__)
 
 
-def build_metrics(settings: Settings, engine: Engine, cache: PrefixCache) -> Metrics:
+def build_metrics(settings: Settings, engine: Engine, tiers: Tiers) -> Metrics:
     """The app's metrics, labelled as the settings allow (a warning when private names are on an open /metrics)."""
     labels = MetricLabels(settings.metrics_max_tenants, settings.metrics_tenant_labels,
                           settings.metrics_task_labels == "all")
     if (labels.tenants or labels.private_tasks) and not settings.metrics_key:
         logger.warning("/metrics names tenants or their own tasks and needs no key: anyone who can reach it reads "
                        "them. Set PREFIXSERVE_METRICS_KEY (Prometheus: authorization: credentials).")
-    return Metrics(engine, cache, labels)
+    return Metrics(engine, tiers.device, labels)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -58,16 +58,17 @@ def build_state(settings: Settings) -> AppState:
                                          fair_scheduling=settings.scheduler == "fair",
                                          reserved_rows=settings.scheduler_reserved_rows,
                                          packed_weights=settings.packed_weights))
-    cache = PrefixCache(settings.prefix_cache_bytes, loaded.device, loaded.dtype)
-    metrics = build_metrics(settings, engine, cache)
-    tasks = TaskRegistry(backend.prefixes, cache, HostCache(settings.host_cache_bytes), loaded.spec.fingerprint(),
-                         settings.max_upload_bytes, on_load=metrics.cold_load)
+    tiers = Tiers(settings.prefix_cache_bytes, settings.host_cache_bytes,
+                  lambda version, art: DevicePrefix.from_artifact(version, art, loaded.device, loaded.dtype))
+    metrics = build_metrics(settings, engine, tiers)
+    tasks = TaskRegistry(backend.prefixes, tiers, loaded.spec.fingerprint(), settings.max_upload_bytes,
+                         on_load=metrics.cold_load)
     metrics.add_tiers(tasks)
     engine.start()
     logger.info("serving %s on %s (%s), store %s, max batch %d", settings.model, loaded.device, loaded.dtype,
                 backend.url, settings.max_batch_size)
     tenants = TenantDirectory(backend.keys, Limits.from_settings(settings), settings.auth)
-    return AppState(settings, loaded, engine, cache, backend.prefixes, metrics, tasks, tenants,
+    return AppState(settings, loaded, engine, tiers, backend.prefixes, metrics, tasks, tenants,
                     Quotas(backend.counters))
 
 

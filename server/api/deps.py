@@ -1,4 +1,4 @@
-"""What the routes depend on: the app's state (model, engine, caches, store, task registry), as named types."""
+"""What the routes depend on: the app's state (model, engine, tiers, store, task registry), as named types."""
 from __future__ import annotations
 
 import asyncio
@@ -13,12 +13,12 @@ from prefix_store.base import PrefixStore
 from server.api.errors import APIError
 from server.api.metrics import Metrics
 from server.api.tokenize import Tokenizing
-from server.engine.device_prefix import PrefixCache
 from server.engine.engine import Engine
 from server.settings import Settings
 from server.tenants.directory import TenantDirectory
 from server.tenants.quotas import Quotas
 from server.tiers.registry import TaskRegistry
+from server.tiers.tiers import Tiers
 
 
 @dataclass
@@ -28,7 +28,7 @@ class AppState:
     settings: Settings
     loaded: LoadedModel
     engine: Engine
-    cache: PrefixCache
+    tiers: Tiers
     store: PrefixStore
     metrics: Metrics
     tasks: TaskRegistry

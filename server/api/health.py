@@ -30,8 +30,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready" if store["ok"] else "degraded", "model": state.model_id,
                          "device": str(state.loaded.device), "max_seq_len": state.engine.max_seq_len,
                          "store": {"url": state.store.url, **store, "last_resync": t.stats.last_resync or None},
-                         "cached": {"tasks": len(t.manifests), "device_prefixes": len(state.cache),
-                                    "host_prefixes": len(t.host)}})
+                         "cached": {"tasks": len(t.manifests), "device_prefixes": len(state.tiers.device),
+                                    "host_prefixes": len(t.tiers.host)}})
 
 
 @router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_reader)])

@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from server.tenants.namespaces import ANONYMOUS_LABEL
 
 if TYPE_CHECKING:
-    from server.engine.device_prefix import PrefixCache
     from server.engine.engine import Engine
+    from server.tiers.lru import ByteLRU
     from server.tiers.registry import TaskRegistry
 
 BASE_LABEL = ":base"  # the task label of requests without a task (':' cannot appear in a task name)
@@ -40,7 +40,7 @@ class MetricLabels:
 class _EngineCollector:
     """Reads the engine's and the prefix cache's live values at scrape time."""
 
-    def __init__(self, engine: Engine, cache: PrefixCache, tenant_label: Callable[[str], str]):
+    def __init__(self, engine: Engine, cache: ByteLRU, tenant_label: Callable[[str], str]):
         self.engine, self.cache, self.tenant_label = engine, cache, tenant_label
         self._queued: set[str] = set()  # tenant labels shown before: they stay, at 0 when nothing waits
 
@@ -89,11 +89,11 @@ class _TierCollector:
         self.tasks = tasks
 
     def collect(self) -> Iterator:
-        h, t = self.tasks.host, self.tasks.stats
+        d, h, t = self.tasks.tiers.device, self.tasks.tiers.host, self.tasks.stats
         lookups = CounterMetricFamily("prefixserve_prefix_tier_lookups", "Prefix lookups per tier (device, host: "
                                       "artifact caches; map: task name -> version, result absent: a tenant's own "
                                       "name known absent without a store read)", labels=["tier", "result"])
-        for tier, hits, misses in (("device", self.tasks.cache.stats.hits, self.tasks.cache.stats.misses),
+        for tier, hits, misses in (("device", d.stats.hits, d.stats.misses),
                                    ("host", h.stats.hits, h.stats.misses), ("map", t.map_hits, t.map_misses)):
             lookups.add_metric([tier, "hit"], hits)
             lookups.add_metric([tier, "miss"], misses)
@@ -114,7 +114,7 @@ class _TierCollector:
 class Metrics:
     """Request, token and latency metrics; `render()` gives the Prometheus text format."""
 
-    def __init__(self, engine: Engine, cache: PrefixCache, labels: MetricLabels = MetricLabels()):
+    def __init__(self, engine: Engine, cache: ByteLRU, labels: MetricLabels = MetricLabels()):
         self.labels = labels
         self._tenants: set[str] = set()
         disable_created_metrics()  # no *_created series: they double the exposition for no use here

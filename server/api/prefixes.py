@@ -186,7 +186,7 @@ async def put_prefix(name: NameParam, request: Request, state: StateDep, caller:
             old = None
         await _check_storage(state, caller, stored, art.manifest)
         m = await state.store.put(stored, art.manifest, tensors, expected_version=expected)
-    state.tasks.remember(stored, m, previous=old)  # the old version leaves the device cache
+    state.tasks.remember(stored, m, previous=old)  # the old version leaves the device tier
     await _namespace_changed(state, stored)
     audit("prefix.put", tenant=caller.label, client=client_address(request), task=name, stored=stored,
           version=m.sha256, previous=old.sha256 if old else None, bytes=m.nbytes)
@@ -281,8 +281,7 @@ async def delete_prefix(name: NameParam, request: Request, state: StateDep, call
         await state.store.delete(stored, expected_version=expected)
     except PrefixNotFound:
         raise PrefixNotFound(name) from None
-    state.tasks.forget(stored)
-    state.cache.drop(m.sha256)
+    state.tasks.forget(stored, m.sha256)  # its version leaves the tiers unless another name shares it
     audit("prefix.delete", tenant=caller.label, client=client_address(request), task=name, stored=stored,
           version=m.sha256)
     return {"task": name, "deleted": m.sha256}

@@ -1,5 +1,5 @@
-"""Between the routes and the engine: resolve a task to a pinned device prefix, submit, and follow the tokens
-as text (stop strings, detokenisation, metrics). No model work here: only `engine.submit` and awaits."""
+"""Between the routes and the engine: resolve a task to a lease on its device payload, submit, and follow the
+tokens as text (stop strings, detokenisation, metrics). No model work here: only `engine.submit` and awaits."""
 from __future__ import annotations
 
 import asyncio
@@ -13,28 +13,28 @@ from prefix_store.artifact import Manifest
 from server.api.deps import AppState
 from server.api.errors import APIError, validation
 from server.api.text import IncrementalDecoder, StopMatcher
-from server.engine.device_prefix import DevicePrefix
 from server.engine.request import GenerationResult, RequestHandle
 from server.engine.sampling import SamplingParams
 from server.tenants.namespaces import Caller, first_found, public_name, split_ref, split_stored
+from server.tiers.tiers import Lease
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("prefixserve.requests")  # one line per finished generation, with its tenant
 RETIRED_POLL_S = 0.05  # how often an abandoned request is checked for its end (the engine retires it next step)
 
 
-async def acquire_prefix(state: AppState, caller: Caller, task: str) -> tuple[DevicePrefix, str]:
-    """The pinned device prefix serving `task` (NAME or NAME@VERSION) for `caller`, and its stored name: their
-    own task first, then the shared one (server/tenants/namespaces.py); release the prefix after."""
+async def acquire_task(state: AppState, caller: Caller, task: str) -> tuple[Lease, str]:
+    """A lease on the device payload serving `task` (NAME or NAME@VERSION) for `caller`, and its stored name: their
+    own task first, then the shared one (server/tenants/namespaces.py). The engine gives the lease back."""
     name, version = split_ref(task)
     at = f"@{version}" if version else ""
 
-    async def acquire(stored: str, shadowing: bool) -> DevicePrefix:
+    async def acquire(stored: str, shadowing: bool) -> Lease:
         # the caller's own name, with a shared one behind it: its absence is remembered (StoreError -> 503)
         return await state.tasks.acquire(stored + at, caller.namespace_version if shadowing else None)
 
-    stored, prefix = await first_found(caller, name, version, acquire)
-    return prefix, stored
+    stored, lease = await first_found(caller, name, version, acquire)
+    return lease, stored
 
 
 async def visible_tasks(state: AppState, caller: Caller) -> dict[str, tuple[str, Manifest]]:
@@ -210,26 +210,27 @@ StartedDep = Annotated[Started, Depends(started_generations)]
 
 async def start(state: AppState, caller: Caller, started: Started, task: str | None, prompt_ids: list[int],
                 params: SamplingParams, stops: list[str], route: str) -> Generation:
-    """Check the caller's limits, reserve its tokens, acquire the task's prefix and submit; on any refusal the
-    prefix is released, the tokens given back and the error raised. The generation joins `started`."""
+    """Check the caller's limits, reserve its tokens, lease the task's payload and submit (the engine gives the
+    lease back when the request ends); on any refusal before that the lease is given back here, the tokens
+    refunded and the error raised. The generation joins `started`."""
     state.quotas.check_lengths(caller, len(prompt_ids), params.max_new_tokens)
     reserved = await state.quotas.reserve_tokens(caller, len(prompt_ids) + params.max_new_tokens)
-    prefix, stored = None, None
+    lease, stored = None, None
     name = task.partition("@")[0] if task else None  # metrics and engine tags by name, not by version
     try:
         if task:
-            prefix, stored = await acquire_prefix(state, caller, task)
-        handle = state.engine.submit(prompt_ids, params, prefix, tag=name or "", tenant=caller.tenant,
+            lease, stored = await acquire_task(state, caller, task)
+        handle = state.engine.submit(prompt_ids, params, lease, tag=name or "", tenant=caller.tenant,
                                      weight=caller.limits.weight)
     except BaseException as e:
-        if prefix is not None:
-            prefix.release()
+        if lease is not None:
+            lease.release()
         await state.quotas.refund_tokens(caller, reserved)
         if isinstance(e, ValueError):
             raise validation(str(e)) from None
         raise
     private = stored is not None and split_stored(stored)[0] is not None
-    gen = Generation(state, handle, name, route, prefix.version if prefix else None, stops, caller, reserved,
+    gen = Generation(state, handle, name, route, lease.version if lease else None, stops, caller, reserved,
                      private)
     started.generations.append(gen)
     return gen

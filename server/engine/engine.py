@@ -19,7 +19,7 @@ from server.engine.batch import Row, RunningBatch
 from server.engine.device_prefix import DevicePrefix
 from server.engine.runner import check_decoder_lengths, make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
-                                   RequestHandle, TokenEvent)
+                                   RequestHandle, TaskLease, TokenEvent, Unheld)
 from server.engine.sampling import RowSampler, SamplingParams, choose_tokens
 from server.engine.scheduler import FairQueue
 
@@ -138,11 +138,12 @@ class Engine:
         check_decoder_lengths(prompt_len, prefix_len, max_new_tokens, self.max_seq_len,
                               self.cache.bytes_per_position, self.config.kv_cache_bytes)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, prefix: DevicePrefix | None = None,
+    def submit(self, prompt_ids: list[int], params: SamplingParams, task: TaskLease | DevicePrefix | None = None,
                tag: str = "", loop: asyncio.AbstractEventLoop | None = None, tenant: str = "",
                weight: float = 1.0, timeout_s: float | None = None) -> RequestHandle:
-        """Queue a request for `tenant` (share `weight`, see scheduler.py). The prefix must be pinned by the caller;
-        the engine releases it when done.
+        """Queue a request for `tenant` (share `weight`, see scheduler.py). `task`: the lease on its task's payload
+        (server/tiers), given back when the request ends, however it ends (a bare DevicePrefix: a payload nothing
+        holds, for tests and benchmarks); if submit raises, the caller keeps it.
 
         `timeout_s` (default: the config's request_timeout_s) bounds queueing plus generation: past it the request
         ends with finish_reason 'timeout'. Raises ValueError for invalid settings, EngineOverloaded when the queue
@@ -151,7 +152,8 @@ class Engine:
         params.validate()
         if not weight > 0:
             raise ValueError(f"weight must be > 0, got {weight}")
-        self.runner.check(prompt_ids, prefix, params.max_new_tokens)
+        task = Unheld(task) if isinstance(task, DevicePrefix) else task
+        self.runner.check(prompt_ids, task.payload if task is not None else None, params.max_new_tokens)
         if any(not 0 <= t < self.spec.vocab_size for t in prompt_ids):
             raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
         if loop is None:
@@ -160,7 +162,7 @@ class Engine:
             except RuntimeError:
                 loop = None
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
-        request = Request(list(prompt_ids), params, prefix, tag, tenant, weight, timeout_s,
+        request = Request(list(prompt_ids), params, task, tag, tenant, weight, timeout_s,
                           decoder_ids=self.runner.decoder_prompt(prompt_ids))
         handle = RequestHandle(request, loop)
         with self._cv:
@@ -291,8 +293,6 @@ class Engine:
 
     def _finish_unstarted(self, h: RequestHandle, reason: str, error: str | None = None) -> None:
         r = h.request
-        if r.prefix is not None:
-            r.prefix.release()
         now = time.monotonic()
         h._finish(GenerationResult([], [], reason, len(r.prompt_ids), r.params.seed,
                                    r.prefix.version if r.prefix else None, r.submitted_at, None, now, error),
@@ -383,13 +383,11 @@ class Engine:
             self._retire(finished, reason)
 
     def _retire(self, rows: list[Row], reason: str, error: str | None = None) -> None:
-        """Finish rows, free their cache rows and unpin their prefixes."""
+        """Finish rows and free their cache rows (each request gives its task's lease back as it finishes)."""
         now = time.monotonic()
         for r in rows:
             self.batch.remove(r)
             req = r.request
-            if req.prefix is not None:
-                req.prefix.release()
             r.handle._finish(GenerationResult(r.tokens, r.logprobs, reason, len(req.prompt_ids), req.params.seed,
                                               req.prefix.version if req.prefix else None, req.submitted_at,
                                               r.first_token_at, now, error), self._outbox)
@@ -409,7 +407,8 @@ class Engine:
 
 
 def generate_sync(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                  prefixes: list[DevicePrefix | None] | None = None, timeout: float | None = 600) -> list[GenerationResult]:
+                  prefixes: list[TaskLease | DevicePrefix | None] | None = None, timeout: float | None = 600
+                  ) -> list[GenerationResult]:
     """Submit many requests to a started engine from a plain thread and wait for all (tests, benchmarks)."""
     plist = params if isinstance(params, list) else [params] * len(prompts)
     pre = prefixes or [None] * len(prompts)

@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from server.engine.device_prefix import DevicePrefix
 from server.engine.sampling import SamplingParams
@@ -53,13 +53,39 @@ class GenerationResult:
         return len(self.token_ids)
 
 
+class TaskLease(Protocol):
+    """A task's device payload held for one request by its owner (server/tiers/tiers.py's Lease): the engine reads
+    `payload` and the request gives the lease back with `release()` when it ends, whichever way it ends."""
+
+    version: str
+    payload: Any
+
+    def release(self) -> None:
+        """Give the hold back (once)."""
+
+
+@dataclass(frozen=True)
+class Unheld:
+    """A payload that nothing holds (tests, benchmarks and tools that build their prefixes): nothing to give back."""
+
+    payload: DevicePrefix
+
+    @property
+    def version(self) -> str:
+        """The payload's version."""
+        return self.payload.version
+
+    def release(self) -> None:
+        """Nothing to give back."""
+
+
 @dataclass(eq=False)
 class Request:
     """A request as the engine sees it; created by `Engine.submit`."""
 
     prompt_ids: list[int]
     params: SamplingParams
-    prefix: DevicePrefix | None
+    task: TaskLease | None  # the lease on its task's payload (None: the base model alone)
     tag: str = ""  # free-form label for metrics (the task name)
     tenant: str = ""  # whose request: the scheduler shares the engine fairly between tenants
     weight: float = 1.0  # the tenant's share weight: 2 = twice the tokens of a weight-1 tenant when both wait
@@ -68,6 +94,11 @@ class Request:
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     decoder_ids: list[int] | None = None  # encoder-decoder models: what the decoder is fed first (prompt_ids: encoder)
+
+    @property
+    def prefix(self) -> DevicePrefix | None:
+        """The task's prefix on the device (prefixes are the one task kind today), or None."""
+        return self.task.payload if self.task is not None else None
 
     @property
     def decoder_prompt(self) -> list[int]:
@@ -110,6 +141,8 @@ class RequestHandle:
             outbox.add(self._loop, self._queue, event)
 
     def _finish(self, result: GenerationResult, outbox: Outbox) -> None:
+        if self.request.task is not None:
+            self.request.task.release()  # the one place a lease goes back, however the request ended
         self._result = result
         self._done.set()
         if self._loop is not None:

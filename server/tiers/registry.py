@@ -1,10 +1,13 @@
 """Task resolution through the tiers, kept in step with the store (and so with every other replica).
 
     task ref (NAME or NAME@VERSION) --name->manifest map (this module, fed by store.watch)--> version (sha256)
-    version --device cache (PrefixCache)--> hit | --host cache (HostCache)--> copy to device | --store--> parse
+    version --device tier--> lease | --host tier--> onto the device, lease | --store--> parse, onto the device, lease
+
+The tiers (server/tiers/tiers.py) own residency, eviction and pins; this module decides which versions are wanted
+(and which a change made unwanted) and fetches from the store what no tier holds.
 
 The map answers the HTTP path without a store round trip; a miss falls back to the store. `store.watch` events
-(an upload, rollback or delete on any replica) update the map and drop the old version from the device cache;
+(an upload, rollback or delete on any replica) update the map and drop the old version from the device tier;
 after a reconnection (RESYNC) the map is reconciled with `store.snapshot()`. While the store is down, tasks whose
 manifest and tensors are cached keep serving; anything needing the store fails with its StoreError (HTTP 503).
 
@@ -27,8 +30,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from prefix_store.artifact import Manifest, PrefixArtifact, validate
 from prefix_store.base import (RESYNC, PrefixNotFound, PrefixStore, StoreError, StoreEvent, StoreUnavailable,
                                split_task_ref)
-from server.engine.device_prefix import DevicePrefix, PrefixCache
-from server.tiers.host import HostCache
+from server.tiers.tiers import Lease, Tiers
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,17 +65,12 @@ class RegistryStats:
     last_resync: float = 0.0  # unix seconds of the last reconciliation with the store
 
 
-def _no_load() -> PrefixArtifact:
-    raise LookupError("evicted")
-
-
 class TaskRegistry:
-    """The name->manifest map, the store watcher, and `acquire(ref)` through device, host and store tiers."""
+    """The name->manifest map, the store watcher, and `acquire(ref)` through the tiers and the store."""
 
-    def __init__(self, store: PrefixStore, cache: PrefixCache, host: HostCache, fingerprint: dict[str, Any],
-                 max_bytes: int, on_load: Callable[[str, float], None] | None = None):
-        self.store, self.cache, self.host = store, cache, host
-        cache.host = host  # the device cache puts loads in, and evictions back into, host memory (prefix_cache.py)
+    def __init__(self, store: PrefixStore, tiers: Tiers, fingerprint: dict[str, Any], max_bytes: int,
+                 on_load: Callable[[str, float], None] | None = None):
+        self.store, self.tiers = store, tiers
         self.fingerprint, self.max_bytes = fingerprint, max_bytes
         self.on_load = on_load or (lambda tier, seconds: None)
         self.manifests: dict[str, Manifest] = {}
@@ -116,26 +113,23 @@ class TaskRegistry:
             self.manifests[name] = m
         return m
 
-    async def acquire(self, ref: str, absent_as_of: int | None = None) -> DevicePrefix:
-        """The pinned device prefix for `NAME` or `NAME@VERSION`; the caller must release it. (`absent_as_of`:
-        see `manifest`.)"""
+    async def acquire(self, ref: str, absent_as_of: int | None = None) -> Lease:
+        """A lease on the device payload of `NAME` or `NAME@VERSION`, for one request to hand to the engine (which
+        gives it back); `absent_as_of`: see `manifest`."""
         name, version = split_task_ref(ref)
-        m = await self.manifest(name, version, absent_as_of)
-        sha = m.sha256
-        if sha in self.cache:
-            try:
-                return self.cache.acquire(sha, _no_load)
-            except LookupError:  # evicted between the check and the acquire: load it below
-                pass
+        sha = (await self.manifest(name, version, absent_as_of)).sha256
+        lease = self.tiers.lease_resident(sha)
+        if lease is not None:
+            return lease
         t0 = time.perf_counter()
-        art = self.host.get(sha)
+        art = self.tiers.host_artifact(sha)
         tier = "host"
         if art is None:
             tier = "store"
             art = await self._fetch_once(name, sha)
-        prefix = await asyncio.to_thread(self.cache.acquire, sha, lambda: art)
+        lease = await asyncio.to_thread(self.tiers.lease_loaded, sha, art)
         self.on_load(tier, time.perf_counter() - t0)
-        return prefix
+        return lease
 
     async def _fetch_once(self, name: str, sha: str) -> PrefixArtifact:
         """Read, parse and validate a version from the store; concurrent misses of one version share the read."""
@@ -173,21 +167,21 @@ class TaskRegistry:
         if old is not None and old.sha256 != m.sha256:
             self._release(old.sha256, host=False)
 
-    def forget(self, name: str) -> None:
-        """`name` was deleted: its version leaves the map, the device and the host cache."""
+    def forget(self, name: str, version: str | None = None) -> None:
+        """`name` was deleted: its version (the map's, else `version`: what the store held) leaves the map, the
+        device and host memory, unless another name still points to it."""
         self._epoch += 1
         self._absent.pop(name, None)
         old = self.manifests.pop(name, None)
-        if old is not None:
-            self._release(old.sha256, host=True)
+        sha = old.sha256 if old is not None else version
+        if sha is not None:
+            self._release(sha, host=True)
 
     def _release(self, sha: str, *, host: bool) -> None:
-        """Drop a version from the caches unless another name still points to it."""
+        """Drop a version from the tiers unless another name still points to it."""
         if any(m.sha256 == sha for m in self.manifests.values()):
             return
-        self.cache.drop(sha)  # rows running on it keep their pinned copy and finish on it
-        if host:
-            self.host.drop(sha)
+        self.tiers.drop(sha, host=host)  # requests running on it keep their lease and finish on it
 
     # -- changes seen by the watcher --
     async def on_event(self, event: StoreEvent) -> None:
@@ -266,14 +260,14 @@ class TaskRegistry:
                 logger.warning("preload: cannot list the store (%s)", e)
                 return []
         done: list[str] = []
-        evictions = self.cache.stats.evictions
+        evictions = self.tiers.device.stats.evictions
         for ref in refs:
             try:
                 (await self.acquire(ref)).release()
             except Exception as e:  # a bad or missing task must not stop the server from starting
                 logger.warning("preload %s failed: %s", ref, e)
                 continue
-            if self.cache.stats.evictions > evictions:
+            if self.tiers.device.stats.evictions > evictions:
                 logger.warning("preload: the device prefix cache is full after %d tasks; stopping", len(done))
                 break
             done.append(ref)

@@ -10,18 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from prefix_store.backend import open_backend
 from prefix_store.base import RESYNC, PrefixNotFound, StoreEvent
-from server.engine.device_prefix import PrefixCache
 from server.tenants.directory import TenantDirectory
 from server.tenants.limits import Limits
-from server.tiers.host import HostCache
 from server.tiers.registry import TaskRegistry
 from tests.api.conftest import peft_adapter, start_server, stop_server, upload
 from tests.api.test_tenants import make_key
 from tests.prefix_store.conftest import FP, art, backend, namespace, store, stores, tensors  # noqa: F401  (fixtures)
+from tests.tiers.test_tiers import prefix_tiers
 
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
 
@@ -60,7 +58,7 @@ class CountedReads:
 
 async def test_remembered_absence_and_what_forgets_it(store):
     counted = CountedReads(store)
-    reg = TaskRegistry(counted, PrefixCache(2**20, torch.device("cpu"), torch.float32), HostCache(2**20), FP, 2**20)
+    reg = TaskRegistry(counted, prefix_tiers(2**20, 2**20), FP, 2**20)
     a = art(1)
 
     async def absent(name: str, version: int | None) -> bool:

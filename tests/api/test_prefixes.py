@@ -32,6 +32,24 @@ def test_upload_generate_replace_delete(http):
     assert http.delete("/prefixes/cycle").status_code == 404
 
 
+def _cold_loads(http) -> float:
+    """Prefixes put on the device so far (from host memory or the store), from /metrics."""
+    lines = http.get("/metrics").text.splitlines()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("prefixserve_prefix_cold_load_seconds_count"))
+
+
+def test_deleting_a_name_keeps_the_version_another_name_serves_on_the_device(http):
+    files = peft_adapter(seed=30)
+    version = upload(http, "twin-a", files).json()["version"]
+    assert upload(http, "twin-b", files).json()["version"] == version  # one version, two names
+    assert _gen(http, "twin-a")[0] == _gen(http, "twin-b")[0] == version  # on the device, both names mapped
+    loads = _cold_loads(http)
+    assert http.delete("/prefixes/twin-a").json() == {"task": "twin-a", "deleted": version}
+    assert _gen(http, "twin-b")[0] == version
+    assert _cold_loads(http) == loads  # twin-b's version stayed on the device: no load from host memory or store
+    assert http.post("/generate?task=twin-a", json=GEN).status_code == 404
+
+
 def test_list_get_download_round_trip(http):
     put = upload(http, "roundtrip", peft_adapter(seed=12, tokens=3)).json()
     listed = {p["task"]: p for p in http.get("/prefixes").json()["prefixes"]}

@@ -61,27 +61,29 @@ def test_eos_and_stop_token_ids(loaded):
     assert h.wait(0).finish_reason == "length" and h.wait(0).token_ids == free
 
 
-def test_cancel_frees_row_and_releases_prefix(loaded, adapters):
+def test_cancel_frees_row_and_gives_the_lease_back(loaded, adapters):
     from basemodel.convert import artifact_from_files
     from prefix_store.peft_io import read_dir
-    from server.engine.device_prefix import PrefixCache
-    cache = PrefixCache(10**9, loaded.device, loaded.dtype)
+    from server.engine.device_prefix import DevicePrefix
+    from server.tiers.tiers import Tiers
+
+    tiers = Tiers(10**9, 0, lambda v, a: DevicePrefix.from_artifact(v, a, loaded.device, loaded.dtype))
     art = artifact_from_files(read_dir(adapters["a3"]), loaded)
-    dp = cache.acquire(art.manifest.sha256, lambda: art)
-    dp2 = cache.acquire(art.manifest.sha256, lambda: art)
-    assert dp is dp2 and dp.pins == 2
+    v = art.manifest.sha256
+    held, held2 = tiers.lease(v, lambda: art), tiers.lease(v, lambda: art)
+    assert held.payload is held2.payload and tiers.pins(v) == 2
     engine = Engine(loaded)
-    keep = engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=20, ignore_eos=True), dp)
-    gone = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=20, ignore_eos=True), dp2)
+    keep = engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=20, ignore_eos=True), held)
+    gone = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=20, ignore_eos=True), held2)
     engine.step()
     engine.step()
     assert engine.batch_size == 2
     gone.cancel()
     engine.step()
-    assert engine.batch_size == 1 and gone.wait(0).finish_reason == "cancelled" and dp.pins == 1
+    assert engine.batch_size == 1 and gone.wait(0).finish_reason == "cancelled" and tiers.pins(v) == 1
     drive(engine, [keep])
-    assert keep.wait(0).token_ids == run_alone(Engine(loaded), PROMPTS[1], dp, 20)
-    assert dp.pins == 0 and engine.batch_size == 0
+    assert keep.wait(0).token_ids == run_alone(Engine(loaded), PROMPTS[1], held.payload, 20)
+    assert tiers.pins(v) == 0 and engine.batch_size == 0
 
 
 def test_limits_and_overload(loaded):

@@ -14,10 +14,8 @@ import torch
 from prefix_store.artifact import build_artifact
 from prefix_store.backend import open_store
 from prefix_store.base import RESYNC, PrefixNotFound, StoreEvent, StoreUnavailable
-from server.engine.device_prefix import PrefixCache
-from server.tiers.host import HostCache, artifact_bytes
 from server.tiers.registry import TaskRegistry
-from tests.engine.test_prefix_cache import held_bytes
+from tests.tiers.test_tiers import held_bytes, prefix_tiers
 from tests.prefix_store.conftest import SHARED_REDIS, drop_namespace
 
 logger = logging.getLogger(__name__)
@@ -37,10 +35,9 @@ async def put(store, name: str, art) -> str:
 
 
 def registry(store, fp: dict, device_bytes: int, host_bytes: int, loads: list | None = None) -> TaskRegistry:
-    """A registry on a CPU prefix cache; `loads` collects (tier, seconds) of cold loads."""
-    cache = PrefixCache(device_bytes, torch.device("cpu"), torch.float32)
+    """A registry on CPU prefix tiers; `loads` collects (tier, seconds) of cold loads."""
     on_load = (lambda tier, s: loads.append((tier, s))) if loads is not None else None
-    return TaskRegistry(store, cache, HostCache(host_bytes), fp, 2**26, on_load=on_load)
+    return TaskRegistry(store, prefix_tiers(device_bytes, host_bytes), fp, 2**26, on_load=on_load)
 
 
 @pytest.fixture
@@ -55,13 +52,13 @@ async def test_tiers_device_host_store(disk):
     for i, a in enumerate(arts):
         await put(disk, f"t{i}", a)
     loads: list = []
-    reg = registry(disk, TINY, device_bytes=2 * artifact_bytes(arts[0]), host_bytes=2**20, loads=loads)
+    reg = registry(disk, TINY, device_bytes=2 * arts[0].nbytes, host_bytes=2**20, loads=loads)
     for i in range(3):
         (await reg.acquire(f"t{i}")).release()
     # on CPU the device tier's tensors are the artifacts' memory: host memory holds only the one evicted from it
-    assert [t for t, _ in loads] == ["store"] * 3 and len(reg.cache) == 2 and len(reg.host) == 1
+    assert [t for t, _ in loads] == ["store"] * 3 and len(reg.tiers.device) == 2 and len(reg.tiers.host) == 1
     (await reg.acquire("t0")).release()  # evicted from the device, still in host memory
-    assert loads[-1][0] == "host" and reg.host.stats.hits == 1 and "t0" not in reg.host
+    assert loads[-1][0] == "host" and reg.tiers.host.stats.hits == 1 and "t0" not in reg.tiers.host
     before = len(loads)
     (await reg.acquire("t0")).release()
     assert len(loads) == before and reg.stats.map_hits >= 2  # a device hit: no load, no store read
@@ -75,10 +72,10 @@ async def test_on_cpu_each_prefix_is_held_once_and_budgets_count_real_bytes(disk
     arts = [make(TINY, 20 + i) for i in range(3)]
     for i, a in enumerate(arts):
         await put(disk, f"t{i}", a)
-    size, loads = artifact_bytes(arts[0]), []
+    size, loads = arts[0].nbytes, []
     reg = registry(disk, TINY, device_bytes=2 * size, host_bytes=size, loads=loads)
     held = await reg.acquire("t2")
-    host_art = reg.host.get((await reg.manifest("t2")).sha256)
+    host_art = reg.tiers.host.peek((await reg.manifest("t2")).sha256)
     assert host_art is None  # the device tier holds it: no second entry for the same memory
     held.release()
     for _round in range(3):
@@ -86,8 +83,8 @@ async def test_on_cpu_each_prefix_is_held_once_and_budgets_count_real_bytes(disk
             (await reg.acquire(f"t{i}")).release()
     # 10 loads (3 tasks cycling through room for 2): after each task's first, never the store again
     assert [t for t, _ in loads] == ["store"] * 3 + ["host"] * 7
-    assert len(reg.cache) == 2 and len(reg.host) == 1
-    assert reg.cache.bytes_used + reg.host.bytes_used == held_bytes(reg.cache, reg.host) == 3 * size
+    assert len(reg.tiers.device) == 2 and len(reg.tiers.host) == 1
+    assert reg.tiers.device.bytes_used + reg.tiers.host.bytes_used == held_bytes(reg.tiers) == 3 * size
 
 
 async def test_events_and_resync(disk):
@@ -95,10 +92,10 @@ async def test_events_and_resync(disk):
     va = await put(disk, "t", a)
     reg = registry(disk, TINY, 2**20, 2**20)
     (await reg.acquire("t")).release()
-    assert va in reg.cache
+    assert va in reg.tiers.device
     vb = await put(disk, "t", b)  # another replica's upload
     await reg.on_event(StoreEvent("t", vb))
-    assert reg.manifests["t"].sha256 == vb and va not in reg.cache
+    assert reg.manifests["t"].sha256 == vb and va not in reg.tiers.device
     pinned = await reg.acquire(f"t@{va[:8]}")  # an old kept version still serves when pinned
     assert pinned.version == va
     pinned.release()
@@ -163,8 +160,8 @@ async def test_preload(disk):
         await put(disk, f"p{i}", make(TINY, 10 + i))
     reg = registry(disk, TINY, 2**20, 2**20)
     assert await reg.preload("p1, missing ,p2") == ["p1", "p2"]
-    assert len(reg.cache) == 2
-    small = registry(disk, TINY, device_bytes=2 * artifact_bytes(make(TINY, 0)), host_bytes=2**20)
+    assert len(reg.tiers.device) == 2
+    small = registry(disk, TINY, device_bytes=2 * make(TINY, 0).nbytes, host_bytes=2**20)
     assert len(await small.preload("*")) == 2  # stops when the device cache is full
 
 
@@ -178,7 +175,7 @@ async def test_cold_load_latency_per_tier():
         for i, a in enumerate(arts):
             await put(store, f"smol{i}", a)
         loads: list = []
-        reg = registry(store, SMOL, device_bytes=4 * artifact_bytes(arts[0]), host_bytes=2**30, loads=loads)
+        reg = registry(store, SMOL, device_bytes=4 * arts[0].nbytes, host_bytes=2**30, loads=loads)
         for _round in range(2):  # round 1 from the store, round 2 from host memory (the device holds only 4)
             for i in range(n):
                 (await reg.acquire(f"smol{i}")).release()
@@ -189,7 +186,7 @@ async def test_cold_load_latency_per_tier():
             t0 = time.perf_counter()
             (await reg.acquire("smol0")).release()
             hits.append(time.perf_counter() - t0)
-        assert reg.cache.bytes_used <= reg.cache.capacity_bytes and reg.host.bytes_used <= 2**30
+        assert reg.tiers.device.bytes_used <= reg.tiers.device.capacity_bytes and reg.tiers.host.bytes_used <= 2**30
         report = {"device": hits}
         for tier in ("store", "host"):
             report[tier] = [s for t, s in loads if t == tier]
