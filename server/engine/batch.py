@@ -24,6 +24,7 @@ class Row:
     sampler: RowSampler
     length: int  # cache positions filled: prefix + prompt tokens prefilled + generated tokens fed back
     prompt_done: int = 0  # prompt tokens already in the cache
+    chunk: int = 0  # prompt tokens fed in the current prefill forward
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     first_token_at: float | None = None
@@ -71,12 +72,18 @@ class RunningBatch:
 
     def add(self, rows: list[Row]) -> None:
         """Place new rows at the end of the prefill block (one cache reservation for all of them) and copy each
-        row's prefix (and the runner's per-row state) into its cache row (once)."""
+        row's prefix (and the runner's per-row state) into its cache row (once); all of them, or none."""
         longest = max([self.longest()] + [r.final_length for r in rows])
         self.cache.reserve(len(self) + len(rows), longest, self.used_len())
+        placed = len(self.prefilling)
+        try:
+            for row in rows:
+                self.cache.admit_row(len(self), row.request.prefix, row.state)
+                self.prefilling.append(row)
+        except BaseException:  # all or none: the rows placed so far leave again (they sit at the block's end)
+            del self.prefilling[placed:]
+            raise
         for row in rows:
-            self.prefilling.append(row)
-            self.cache.admit_row(len(self) - 1, row.request.prefix, row.state)
             row.state = None
 
     def promote(self, row: Row) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -20,7 +21,7 @@ from server.engine.device_prefix import DevicePrefix
 from server.engine.runner import check_decoder_lengths, make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
                                    RequestHandle, TaskLease, TokenEvent, Unheld)
-from server.engine.sampling import RowSampler, SamplingParams, choose_tokens
+from server.engine.sampling import Choice, RowSampler, SamplingParams, choose_tokens
 from server.engine.scheduler import FairQueue
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class EngineStats:
     decode_seconds: float = 0.0  # time in decode forwards
     decode_row_steps: int = 0  # sum over decode steps of the rows in the batch
     finished: dict[str, int] = field(default_factory=dict)
+    isolated_failures: int = 0  # rows failed alone by a step that went on for their batch-mates
 
 
 class Engine:
@@ -89,6 +91,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: str | None = None  # why the engine thread died (None while it runs or after a clean stop)
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ public API
@@ -103,6 +106,11 @@ class Engine:
     def running(self) -> bool:
         """True while the engine thread is alive."""
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine thread has died of an error it could not confine to rows (see `failure`)."""
+        return self.failure is not None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel everything queued or running (at the next step), then stop the thread."""
@@ -166,8 +174,9 @@ class Engine:
                           decoder_ids=self.runner.decoder_prompt(prompt_ids))
         handle = RequestHandle(request, loop)
         with self._cv:
-            if self._stopping:
-                raise EngineStopped("the engine is shutting down")
+            if self._stopping or self.failure is not None:
+                raise EngineStopped("the engine is shutting down" if self.failure is None
+                                    else f"the engine has failed ({self.failure})")
             if len(self._pending) >= self.config.max_queue:
                 raise EngineOverloaded(f"the request queue is full ({self.config.max_queue} waiting)")
             self._pending.push(handle)
@@ -176,20 +185,29 @@ class Engine:
 
     # ------------------------------------------------------------------ loop
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._pending and not len(self.batch) and not self._stopping:
-                    # idle for idle_release_s: give the memory of the last burst back (a burst that comes sooner
-                    # reuses the buffers instead of growing them again)
-                    if not self._cv.wait(timeout=self.config.idle_release_s):
-                        self.release_idle_memory()
-                if self._stopping and not self._pending and not len(self.batch):
-                    return
-            try:
+        try:
+            while True:
+                with self._cv:
+                    while not self._pending and not len(self.batch) and not self._stopping:
+                        # idle for idle_release_s: give the memory of the last burst back (a burst that comes
+                        # sooner reuses the buffers instead of growing them again)
+                        if not self._cv.wait(timeout=self.config.idle_release_s):
+                            self.release_idle_memory()
+                    if self._stopping and not self._pending and not len(self.batch):
+                        return
                 self.step()
-            except Exception as e:  # never let one bad step kill the server: fail the rows involved
-                logger.exception("engine step failed")
-                self._fail_all(f"{type(e).__name__}: {e}")
+        except BaseException as e:  # what a step could not confine to rows: the engine's state is unknown
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _die(self, error: str) -> None:
+        """Fail every running and queued request and let the thread end; `dead` turns true (the server's /ready
+        then fails and it exits non-zero, so an orchestrator restarts it)."""
+        logger.critical("engine thread failed, every request ends with an error: %s", error, exc_info=True)
+        with self._cv:
+            self.failure = error
+        try:
+            self._fail_all(f"the engine failed: {error}")
+        finally:
             self._outbox.flush()
 
     def step(self) -> None:
@@ -215,15 +233,60 @@ class Engine:
         self._sweep_queue(now)
         self._admitting = self._admit()
         if self._admitting:
-            rows = [Row(h, RowSampler.create(h.request.params, h.request.decoder_prompt, self.device),
-                        length=h.request.prefix.length if h.request.prefix else 0) for h in self._admitting]
-            self.runner.admit(rows)  # per-row set-up (seq2seq: the encoder, once per request)
-            self.batch.add(rows)
+            self._place(self._admitting)
         self._admitting = []
         if self.batch.prefilling:
             self._prefill_chunk()
         if self.batch.decoding:
             self._decode()
+
+    def _place(self, handles: list[RequestHandle]) -> None:
+        """Set admitted requests up as rows (seq2seq: their encoder pass) and place them in the prefill block; if
+        that fails, each is placed alone and only the ones that fail again end with an error."""
+        try:
+            self._place_rows(handles)
+        except Exception:
+            for h in handles:
+                try:
+                    self._place_rows([h])
+                except Exception as e:
+                    logger.exception("admitting request %d failed", h.request.id)
+                    self.stats.isolated_failures += 1
+                    self._finish_unstarted(h, "error", f"{type(e).__name__}: {e}")
+
+    def _place_rows(self, handles: list[RequestHandle]) -> None:
+        rows = [Row(h, RowSampler.create(h.request.params, h.request.decoder_prompt, self.device),
+                    length=h.request.prefix.length if h.request.prefix else 0) for h in handles]
+        self.runner.admit(rows)  # per-row set-up (seq2seq: the encoder, once per request)
+        self.batch.add(rows)  # all placed, or none
+
+    def _forward_isolated(self, rows: list[Row], row_start: int, ids: torch.Tensor, write_pos: torch.Tensor,
+                          kv_len: Callable[[list[Row]], int], retry: bool = False,
+                          ) -> tuple[list[Row], torch.Tensor, list[tuple[Row, str]]]:
+        """Forward a contiguous block of rows; if it raises, forward each half on its own (a single row once more),
+        so only a row whose own forward fails again is failed. Returns (rows that ran, their logits [n, V] in that
+        order, [(failed row, error)]). Rows do not depend on their batch-mates, so a half computes what it would
+        have in the whole block; positions a failed forward wrote are written again by the retry."""
+        try:
+            return rows, self.runner.forward(ids, write_pos, row_start, kv_len(rows)), []
+        except Exception as e:
+            if len(rows) == 1 and retry:
+                logger.exception("forward failed twice for request %d", rows[0].request.id)
+                return [], ids.new_zeros((0, 0), dtype=torch.float32), [(rows[0], f"{type(e).__name__}: {e}")]
+            logger.warning("forward of %d rows failed (%s: %s): retrying in halves", len(rows), type(e).__name__, e)
+        if len(rows) == 1:
+            return self._forward_isolated(rows, row_start, ids, write_pos, kv_len, retry=True)
+        m = len(rows) // 2
+        a = self._forward_isolated(rows[:m], row_start, ids[:m], write_pos[:m], kv_len, retry=True)
+        b = self._forward_isolated(rows[m:], row_start + m, ids[m:], write_pos[m:], kv_len, retry=True)
+        parts = [x for x in (a[1], b[1]) if x.numel()]
+        return a[0] + b[0], torch.cat(parts) if parts else a[1], a[2] + b[2]
+
+    def _fail_rows(self, failed: list[tuple[Row, str]]) -> None:
+        """End rows that failed alone (each with its own error); their batch-mates go on."""
+        for row, error in failed:
+            self.stats.isolated_failures += 1
+            self._retire([row], "error", error)
 
     def release_idle_memory(self) -> None:
         """Shrink the KV buffers back to their initial size if nothing is running or queued."""
@@ -300,13 +363,6 @@ class Engine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     # ------------------------------------------------------------------ execute
-    def _forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int,
-                 ) -> tuple[torch.Tensor, float]:
-        """Run the model on rows [row_start, row_start+n); return the last column's logits [n, V] and seconds."""
-        t0 = time.perf_counter()
-        logits = self.runner.forward(ids, write_pos, row_start, kv_len)
-        return logits, time.perf_counter() - t0
-
     def _prefill_chunk(self) -> None:
         """Feed prefilling rows up to max_prefill_tokens prompt tokens, in block order; promote rows that are done.
 
@@ -324,49 +380,65 @@ class Engine:
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         wpos = torch.full((len(rows), width), self.cache.trash_pos, dtype=torch.long)
         for i, (r, c) in enumerate(zip(rows, chunks)):
+            r.chunk = c
             # left padding: every row's last token of this chunk sits in the last column
             ids[i, width - c:] = torch.tensor(r.request.decoder_prompt[r.prompt_done:r.prompt_done + c])
             wpos[i, width - c:] = torch.arange(r.length, r.length + c)
-        logits, seconds = self._forward(ids.to(self.device), wpos.to(self.device), len(self.batch.decoding),
-                                        max(r.length + c for r, c in zip(rows, chunks)))
-        self.stats.prefill_seconds += seconds
+        t0 = time.perf_counter()
+        ran, logits, failed = self._forward_isolated(rows, len(self.batch.decoding), ids.to(self.device),
+                                                     wpos.to(self.device), _prefill_kv_len)
+        self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(chunks)
-        for r, c in zip(rows, chunks):
-            r.length += c
-            r.prompt_done += c
-        done = [i for i, r in enumerate(rows) if not r.prompt_left]
+        for r in ran:
+            r.length += r.chunk
+            r.prompt_done += r.chunk
+        done = [i for i, r in enumerate(ran) if not r.prompt_left]
         for i in done:
-            self.batch.promote(rows[i])
+            self.batch.promote(ran[i])
         if done:
-            self._update([rows[i] for i in done], self.runner.first_token_logits(logits[done]))
+            self._update([ran[i] for i in done], self.runner.first_token_logits(logits[done]))
+        self._fail_rows(failed)
 
     def _decode(self) -> None:
         rows = list(self.batch.decoding)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         wpos = torch.tensor([[r.length] for r in rows], device=self.device)
-        logits, seconds = self._forward(ids, wpos, 0, max(r.length for r in rows) + 1)
-        for r in rows:
+        t0 = time.perf_counter()
+        ran, logits, failed = self._forward_isolated(rows, 0, ids, wpos, _decode_kv_len)
+        for r in ran:
             r.length += 1
         self.stats.steps += 1
-        self.stats.decode_seconds += seconds
+        self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_row_steps += len(rows)
-        self._update(rows, logits)
+        self._update(ran, logits)
+        self._fail_rows(failed)
 
     # ------------------------------------------------------------------ update
     def _update(self, rows: list[Row], logits: torch.Tensor) -> None:
-        tokens, logprobs, tops = choose_tokens(logits, [r.sampler for r in rows])
+        if not rows:
+            return
+        try:
+            choices = choose_tokens(logits, [r.sampler for r in rows])
+        except Exception:  # not one row's failure (choose_tokens confines those): choose row by row instead
+            logger.exception("choosing tokens for %d rows failed; choosing row by row", len(rows))
+            choices = [self._choose_alone(logits[i:i + 1], r) for i, r in enumerate(rows)]
         now = time.monotonic()
         done: dict[str, list[Row]] = {}
-        for r, t, lp, top in zip(rows, tokens, logprobs, tops):
+        failed: list[tuple[Row, str]] = []
+        for r, c in zip(rows, choices):
             if r.request.cancelled:
                 done.setdefault("cancelled", []).append(r)
                 continue
+            if c.error is not None:
+                failed.append((r, c.error))
+                continue
+            t = c.token
             r.tokens.append(t)
-            r.logprobs.append(lp)
+            r.logprobs.append(c.logprob)
             if r.first_token_at is None:
                 r.first_token_at = now
-            r.handle._emit(TokenEvent(t, lp, len(r.tokens) - 1, top), self._outbox)
+            r.handle._emit(TokenEvent(t, c.logprob, len(r.tokens) - 1, c.top), self._outbox)
             p = r.request.params
             if t in self.eos_token_ids and not p.ignore_eos:
                 done.setdefault("eos_token", []).append(r)
@@ -374,13 +446,21 @@ class Engine:
                 done.setdefault("stop_sequence", []).append(r)
             elif len(r.tokens) >= p.max_new_tokens:
                 done.setdefault("length", []).append(r)
-        served = Counter(r.request.tenant for r in rows if not r.request.cancelled)
+        served = Counter(r.request.tenant for r, c in zip(rows, choices) if not r.request.cancelled and not c.error)
         self.stats.generated_tokens += sum(served.values())
         with self._cv:
             for tenant, n in served.items():
                 self._pending.charge(tenant, output_tokens=n)
         for reason, finished in done.items():
             self._retire(finished, reason)
+        self._fail_rows(failed)
+
+    @staticmethod
+    def _choose_alone(logits: torch.Tensor, row: Row) -> Choice:
+        try:
+            return choose_tokens(logits, [row.sampler])[0]
+        except Exception as e:
+            return Choice(error=f"{type(e).__name__}: {e}")
 
     def _retire(self, rows: list[Row], reason: str, error: str | None = None) -> None:
         """Finish rows and free their cache rows (each request gives its task's lease back as it finishes)."""
@@ -404,6 +484,16 @@ class Engine:
             pending = self._pending.drain()
         for h in pending:
             self._finish_unstarted(h, "error", error)
+
+
+def _prefill_kv_len(rows: list[Row]) -> int:
+    """Cache positions a prefill chunk attends to: up to the end of its longest row's chunk."""
+    return max(r.length + r.chunk for r in rows)
+
+
+def _decode_kv_len(rows: list[Row]) -> int:
+    """Cache positions a decode step attends to: every row's filled positions and the one it writes."""
+    return max(r.length for r in rows) + 1
 
 
 def generate_sync(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -2,6 +2,11 @@
 
 Every row is processed on its own logits vector with its own `torch.Generator`, so a seeded request draws the
 same tokens whatever its batch-mates are. Greedy rows are one batched argmax.
+
+Each row's choice is isolated: whatever values a request carries (within `SamplingParams.validate`) and whatever
+logits its row has, a failure (non-finite logits, an impossible draw) ends that row alone, reported in
+`Choice.error`; its batch-mates' choices are unaffected. Temperature and truncation are computed on logits shifted
+so that their maximum is 0, which cannot overflow whatever the temperature.
 """
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-4  # a sampling row below it chooses greedily (the limit of temperature -> 0)
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)  # beyond it a penalised logit is meaningless (and can overflow)
+LOGPROB_FLOOR = -9999.0  # reported log-probabilities are clamped here (a token of probability 0 is -inf)
 Top = tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
 
 
@@ -31,13 +39,13 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        lo, hi = REPETITION_PENALTY_RANGE
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-            ("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0"),
+            ("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0 and finite"),
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
-             "must be > 0"),
+            ("repetition_penalty", lo <= self.repetition_penalty <= hi, f"must be in [{lo:g}, {hi:g}]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
             ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         ]
@@ -47,8 +55,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when no randomness is involved."""
-        return not self.do_sample
+        """True when no randomness is involved (temperatures below MIN_TEMPERATURE choose greedily)."""
+        return not self.do_sample or self.temperature < MIN_TEMPERATURE
 
 
 @dataclass
@@ -63,10 +71,24 @@ class RowSampler:
     def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device) -> RowSampler:
         """Make a row's sampler; a seeded generator only when the row samples."""
         gen = None
-        if params.do_sample:
+        if not params.greedy:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
         return cls(params, gen, list(prompt_ids) if params.repetition_penalty != 1.0 else [])
+
+
+@dataclass
+class Choice:
+    """What one row chose: a token and its log-probability, or the error that ends the row."""
+
+    token: int = -1
+    logprob: float = 0.0
+    top: Top = ()
+    error: str | None = None
+
+
+class SamplingError(ValueError):
+    """A row's logits or settings admit no token."""
 
 
 def _penalise(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -80,27 +102,35 @@ def _penalise(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Te
 
 
 def _sample_row(logits: torch.Tensor, s: RowSampler) -> int:
-    """Temperature, top-k, top-p, then a draw from the row's own generator."""
+    """Temperature, top-k, top-p, then a draw from the row's own generator.
+
+    The logits are shifted to a maximum of 0 before the temperature divides them (no overflow at any temperature),
+    and the most likely token always survives truncation (top-p keeps at least one token however small it is).
+    """
     p = s.params
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[0]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
+    x = (logits.double() - logits.max().double()) / p.temperature  # [V], max 0
+    if p.top_k and p.top_k < x.shape[0]:
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, -math.inf)
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(0).cumsum(0)
-        drop = cum - sorted_logits.softmax(0) >= p.top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
-    probs = logits.softmax(0)
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = sorted_x.softmax(0)
+        drop = probs.cumsum(0) - probs >= p.top_p  # keep the smallest set whose mass reaches top_p
+        drop[0] = False
+        x = x.scatter(0, order, sorted_x.masked_fill(drop, -math.inf))
+    probs = x.softmax(0)
+    if not torch.isfinite(probs).all():
+        raise SamplingError("the row's logits are not finite")
     return int(torch.multinomial(probs, 1, generator=s.generator))
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[list[int], list[float], list[Top]]:
-    """Pick one token per row from logits [n, V]; return the ids, their log-probabilities, and each row's
-    `top_logprobs` most likely tokens (empty for rows that did not ask).
+def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Choice]:
+    """Pick one token per row from logits [n, V]: each row's token, its log-probability, and its `top_logprobs`
+    most likely tokens (empty for rows that did not ask); a row that cannot choose gets `error` instead.
 
     Log-probabilities are of the distribution the row chooses from before temperature and truncation: the model's
-    own (after the repetition penalty), as TGI's details and OpenAI's logprobs report them.
+    own (after the repetition penalty), as TGI's details and OpenAI's logprobs report them, clamped at
+    LOGPROB_FLOOR.
     """
     logits = logits.float()
     penalised = [i for i, s in enumerate(samplers) if s.params.repetition_penalty != 1.0]
@@ -109,16 +139,25 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[lis
         for i in penalised:
             logits[i] = _penalise(logits[i], samplers[i].seen, samplers[i].params.repetition_penalty)
     tokens = logits.argmax(dim=-1).tolist()
+    choices = [Choice() for _ in samplers]
     for i, s in enumerate(samplers):
-        if s.params.do_sample:
-            tokens[i] = _sample_row(logits[i], s)
+        if not s.params.greedy:
+            try:
+                tokens[i] = _sample_row(logits[i], s)
+            except (RuntimeError, SamplingError) as e:  # this row alone
+                choices[i].error = f"sampling failed: {e}"
     logsoftmax = torch.log_softmax(logits, dim=-1)
-    logprobs = logsoftmax.gather(1, torch.tensor(tokens, device=logits.device)[:, None])
-    tops: list[Top] = [() for _ in samplers]
-    for i, s in enumerate(samplers):
+    logprobs = logsoftmax.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    for i, (s, c) in enumerate(zip(samplers, choices)):
+        if c.error:
+            continue
+        if math.isnan(logprobs[i]):
+            c.error = "the model's logits for this row are not finite"
+            continue
+        c.token, c.logprob = tokens[i], max(logprobs[i], LOGPROB_FLOOR)
         if s.params.top_logprobs:
             vals, ids = logsoftmax[i].topk(s.params.top_logprobs)
-            tops[i] = tuple(zip(ids.tolist(), vals.tolist()))
-    for i in penalised:
-        samplers[i].seen.append(tokens[i])
-    return tokens, logprobs[:, 0].tolist(), tops
+            c.top = tuple((t, max(v, LOGPROB_FLOOR)) for t, v in zip(ids.tolist(), vals.tolist()))
+        if s.params.repetition_penalty != 1.0:
+            s.seen.append(c.token)
+    return choices
