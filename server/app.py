@@ -89,12 +89,30 @@ async def log_auth_mode(state: AppState) -> None:
                    state.store.url)
 
 
+ENGINE_WATCH_S = 0.2  # how often the lifespan checks that the engine thread is alive
+EXIT_ENGINE_FAILED = 70  # the process's exit status when the engine died (EX_SOFTWARE)
+
+
+async def watch_engine(app: FastAPI, state: AppState) -> None:
+    """If the engine thread dies, have the server drain and exit non-zero (/ready already answers 503), so an
+    orchestrator restarts the process instead of routing requests to a server that can only refuse them."""
+    while not state.engine.dead:
+        await asyncio.sleep(ENGINE_WATCH_S)
+    logger.critical("the engine failed (%s): shutting down with exit status %d", state.engine.failure,
+                    EXIT_ENGINE_FAILED)
+    app.state.exit_code = EXIT_ENGINE_FAILED
+    request_shutdown = getattr(app.state, "request_shutdown", None)
+    if request_shutdown is not None:  # set by `prefixserve serve`; an embedding application decides itself
+        request_shutdown()
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Create everything, follow the store, preload; on shutdown stop the watcher and the engine, close the store."""
     settings: Settings = app.state.settings
     state = await asyncio.to_thread(build_state, settings)
     watcher = asyncio.create_task(state.tasks.watch(), name="store-watch")
+    engine_watch = asyncio.create_task(watch_engine(app, state), name="engine-watch")
     audit_file = add_audit_file(settings.audit_log) if settings.audit_log else None
     try:
         await log_auth_mode(state)
@@ -104,7 +122,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.prefixserve = None
         watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        engine_watch.cancel()
+        await asyncio.gather(watcher, engine_watch, return_exceptions=True)
         await asyncio.to_thread(state.engine.stop)  # queued and running requests finish as 'cancelled'
         state.tokenizing.close()
         await state.store.close()
@@ -122,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "TGI/LoRAX- and OpenAI-compatible; see docs/api.md.")
     app.state.settings = settings
     app.state.prefixserve = None
+    app.state.exit_code = 0  # EXIT_ENGINE_FAILED once the engine has died
     install_error_handlers(app)
     app.add_middleware(RequestLimits, limits=LimitSettings(  # body size/time, JSON depth, slow clients
         settings.max_body_bytes, settings.max_upload_bytes, settings.max_json_depth, settings.client_timeout_s,

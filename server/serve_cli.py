@@ -37,11 +37,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     s = Settings.from_args(args)
     logging.getLogger().setLevel(s.log_level.upper())
     protocol = guarded_protocol(ConnectionLimits(s.header_timeout_s, s.max_connections))
-    config = uvicorn.Config(create_app(s), host=s.host, port=s.port, log_level=s.log_level.lower(),
+    app = create_app(s)
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level.lower(),
                             timeout_graceful_shutdown=int(s.shutdown_timeout) or None, access_log=False,
                             http=protocol, timeout_keep_alive=s.idle_timeout_s)  # type: ignore[arg-type]
-    uvicorn.Server(config).run(sockets=[listening_socket(s)] if s.send_buffer_bytes else None)
-    return 0
+    server = uvicorn.Server(config)
+    app.state.request_shutdown = lambda: setattr(server, "should_exit", True)  # drain, then stop (app.py)
+    server.run(sockets=[listening_socket(s)] if s.send_buffer_bytes else None)
+    return app.state.exit_code  # non-zero when the engine died
 
 
 def listening_socket(s: Settings) -> socket.socket:

@@ -20,11 +20,13 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """200 once the model is loaded and the engine runs (status `degraded` while the store is unreachable:
-    cached tasks still serve, so the replica stays in rotation); 503 before start-up ends and during shutdown."""
+    cached tasks still serve, so the replica stays in rotation); 503 before start-up ends, during shutdown, and
+    once the engine has failed (the process then drains and exits non-zero)."""
     state = getattr(request.app.state, "prefixserve", None)
-    if state is None or not state.engine.running:
-        return JSONResponse({"error": "not ready", "error_type": "unavailable"}, status_code=503,
-                            headers={"Retry-After": "1"})
+    if state is None or not state.engine.running or state.engine.dead:
+        failed = state is not None and state.engine.dead
+        return JSONResponse({"error": f"the engine failed: {state.engine.failure}" if failed else "not ready",
+                             "error_type": "unavailable"}, status_code=503, headers={"Retry-After": "1"})
     store = await state.tasks.store_health()
     t = state.tasks
     return JSONResponse({"status": "ready" if store["ok"] else "degraded", "model": state.model_id,

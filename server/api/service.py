@@ -126,6 +126,8 @@ class Generation:
         await asyncio.shield(self._book(r))  # booked even if this reader is cancelled meanwhile
         if not self.finish_reason:
             self._settle(r.finish_reason)
+            if r.finish_reason == "error" and self.state.engine.dead:  # not this request's doing: retry elsewhere
+                raise APIError(503, f"generation failed: {r.error}", "unavailable", {"Retry-After": "1"})
             if r.finish_reason == "error":
                 raise APIError(500, f"generation failed: {r.error}", "generation")
             if r.finish_reason == "cancelled":

@@ -57,12 +57,14 @@ def read_until_closed(s: socket.socket, timeout: float | None = None) -> bytes:
     return out
 
 
-def start_server(model_dir: Path, workdir: Path, port: int | None = None, **settings) -> Server:
-    """Run `prefixserve serve` (on `port`, default a free one) and wait for /ready (raises with the log on failure)."""
+def start_server(model_dir: Path, workdir: Path, port: int | None = None, module: str = "prefixserve.cli",
+                 **settings) -> Server:
+    """Run `prefixserve serve` (on `port`, default a free one) and wait for /ready (raises with the log on failure).
+    `module`: what `python -m` runs (a test's own entry point that wraps server.cli's main)."""
     port = port or free_port()
     store = workdir / "store"
     log = workdir / "server.log"
-    args = [sys.executable, "-m", "prefixserve.cli", "serve", "--model", str(model_dir), "--store", str(store),
+    args = [sys.executable, "-m", module, "serve", "--model", str(model_dir), "--store", str(store),
             "--host", "127.0.0.1", "--port", str(port), "--shutdown-timeout", "5"]
     for k, v in settings.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
