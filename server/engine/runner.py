@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from basemodel.model import LoadedModel
+from server.engine.config import EngineConfig
 from server.engine.device_prefix import DevicePrefix
 from server.engine.kv_cache import SlotKVCache
 from server.engine.packed import serving_model
 
 if TYPE_CHECKING:
     from server.engine.batch import Row
-    from server.engine.engine import EngineConfig
     from server.engine.request import Request
 
 logger = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from basemodel.model import LoadedModel
+from server.engine.config import EngineConfig
 from server.engine.device_prefix import DevicePrefix
 from server.engine.packed import serving_model
 from server.engine.runner import causal_mask, check_decoder_lengths
@@ -40,7 +41,6 @@ from server.engine.seq2seq_cache import CrossState, Seq2SeqSlotCache
 
 if TYPE_CHECKING:
     from server.engine.batch import Row
-    from server.engine.engine import EngineConfig
     from server.engine.request import Request
 
 
