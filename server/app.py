@@ -48,16 +48,7 @@ def build_state(settings: Settings) -> AppState:
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
     loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=cache_dir)
     eos = (loaded.tokenizer.eos_token_id,) if getattr(loaded.tokenizer, "eos_token_id", None) is not None else ()
-    engine = Engine(loaded, EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                         max_seq_len=settings.max_seq_len,
-                                         max_prefill_tokens=settings.max_prefill_tokens,
-                                         kv_cache_bytes=settings.kv_cache_bytes, eos_token_ids=eos,
-                                         request_timeout_s=settings.request_timeout_s,
-                                         prompt_token_weight=settings.scheduler_prompt_weight,
-                                         output_token_weight=settings.scheduler_output_weight,
-                                         fair_scheduling=settings.scheduler == "fair",
-                                         reserved_rows=settings.scheduler_reserved_rows,
-                                         packed_weights=settings.packed_weights))
+    engine = Engine(loaded, EngineConfig.from_settings(settings, eos_token_ids=eos))
     tiers = Tiers(settings.prefix_cache_bytes, settings.host_cache_bytes,
                   lambda version, art: DevicePrefix.from_artifact(version, art, loaded.device, loaded.dtype))
     metrics = build_metrics(settings, engine, tiers)

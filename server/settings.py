@@ -8,6 +8,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.engine.config import EngineConfig
+
+ENGINE = EngineConfig()  # the engine's defaults are the server's (EngineConfig.from_settings maps them back)
+
 
 def default_store_dir() -> str:
     """The embedded default store: ~/.local/share/prefixserve/store."""
@@ -33,18 +37,23 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/prefixserve)")
-    max_batch_size: int = Field(32, ge=1, description="Rows in the running batch")
-    max_queue: int = Field(512, ge=1, description="Requests waiting for a row before new ones get 503")
-    max_seq_len: int = Field(2048, ge=16, description="Longest prefix + prompt + generation per row")
-    max_prefill_tokens: int = Field(512, ge=1, description="Prompt tokens prefilled per engine step; longer "
-                                                           "prompts are prefilled in chunks between decode steps")
+    max_batch_size: int = Field(ENGINE.max_batch_size, ge=1, description="Rows in the running batch")
+    max_queue: int = Field(ENGINE.max_queue, ge=1,
+                           description="Requests waiting for a row before new ones get 503")
+    max_seq_len: int = Field(ENGINE.max_seq_len, ge=16,
+                             description="Longest prefix + prompt + generation per row")
+    max_prefill_tokens: int = Field(ENGINE.max_prefill_tokens, ge=1,
+                                    description="Prompt tokens prefilled per engine step; longer prompts are "
+                                                "prefilled in chunks between decode steps")
     packed_weights: Literal["auto", "on", "off"] = Field(
-        "auto", description="CPU fp32: run the model (decoder-only or BART) on a copy whose weight matrices are "
-                            "prepacked for oneDNN (faster matrix work per decode step on some shapes, one more "
-                            "copy of the weight matrices in memory); auto = on where available and measured >= "
-                            "1.1x faster on this model's matrices at start-up")
-    kv_cache_bytes: int = Field(4 * 2**30, ge=2**20, description="Bound on the KV cache of running rows; "
-                                                                 "admission waits rather than exceed it")
+        ENGINE.packed_weights,
+        description="CPU fp32: run the model (decoder-only or BART) on a copy whose weight matrices are prepacked for "
+                    "oneDNN (faster matrix work per decode step on some shapes, one more copy of the weight matrices "
+                    "in memory); auto = on where available and measured >= 1.1x faster on this model's matrices at "
+                    "start-up")
+    kv_cache_bytes: int = Field(ENGINE.kv_cache_bytes, ge=2**20,
+                                description="Bound on the KV cache of running rows; admission waits rather than "
+                                            "exceed it")
     max_new_tokens_default: int = Field(20, ge=1, description="max_new_tokens when a request does not say")
     prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Device bytes for resident prefixes")
     host_cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Host-memory bytes for parsed prefixes "
@@ -79,16 +88,19 @@ class Settings(BaseSettings):
                                                         "(up to net.ipv4.tcp_wmem's maximum, often 4 MiB). Smaller "
                                                         "bounds the kernel memory a client that stops reading pins, "
                                                         "and notices it sooner")
-    scheduler: Literal["fair", "fifo"] = Field("fair", description="Who gets the next free batch row: 'fair' = the "
-                                                                   "tenant served fewest tokens (virtual token "
-                                                                   "counter), 'fifo' = first come first served")
-    scheduler_prompt_weight: float = Field(1.0, ge=0, description="Fair scheduling between tenants: cost of a "
-                                                                  "prompt token in a tenant's virtual token counter")
-    scheduler_output_weight: float = Field(2.0, ge=0, description="... and of a generated token")
-    scheduler_reserved_rows: int = Field(0, ge=0, description="Fair scheduling: rows beyond max_batch_size that "
-                                                              "only a tenant holding no row may take, so a light "
-                                                              "tenant's request starts at once while another "
-                                                              "fills the batch; 0 = off")
+    scheduler: Literal["fair", "fifo"] = Field(
+        "fair" if ENGINE.fair_scheduling else "fifo",
+        description="Who gets the next free batch row: 'fair' = the tenant served fewest tokens (virtual token "
+                    "counter), 'fifo' = first come first served")
+    scheduler_prompt_weight: float = Field(ENGINE.prompt_token_weight, ge=0,
+                                           description="Fair scheduling between tenants: cost of a prompt token in "
+                                                       "a tenant's virtual token counter")
+    scheduler_output_weight: float = Field(ENGINE.output_token_weight, ge=0,
+                                           description="... and of a generated token")
+    scheduler_reserved_rows: int = Field(ENGINE.reserved_rows, ge=0,
+                                         description="Fair scheduling: rows beyond max_batch_size that only a tenant "
+                                                     "holding no row may take, so a light tenant's request starts at "
+                                                     "once while another fills the batch; 0 = off")
     auth: Literal["auto", "required"] = Field("auto", description="API keys: 'auto' = required as soon as the "
                                                                    "store holds a tenant (none: auth off, logged "
                                                                    "loudly), 'required' = always (docs/tenants.md)")

@@ -3,11 +3,15 @@ import them without importing each other."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 
 @dataclass
 class EngineConfig:
-    """Engine limits; the server fills these from its settings."""
+    """Engine limits and switches; their defaults are the server's too (server/settings.py reads them here)."""
 
     max_batch_size: int = 32
     max_queue: int = 512
@@ -27,3 +31,15 @@ class EngineConfig:
     def row_capacity(self) -> int:
         """Rows the running batch (and the KV cache) can hold: max_batch_size, plus the reserved rows (fair)."""
         return self.max_batch_size + (self.reserved_rows if self.fair_scheduling else 0)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, eos_token_ids: tuple[int, ...] = ()) -> EngineConfig:
+        """The engine's part of the server's settings (`eos_token_ids`: the tokenizer's, beside the model's own)."""
+        return cls(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                   max_seq_len=settings.max_seq_len, max_prefill_tokens=settings.max_prefill_tokens,
+                   kv_cache_bytes=settings.kv_cache_bytes, eos_token_ids=eos_token_ids,
+                   request_timeout_s=settings.request_timeout_s,
+                   prompt_token_weight=settings.scheduler_prompt_weight,
+                   output_token_weight=settings.scheduler_output_weight,
+                   fair_scheduling=settings.scheduler == "fair", reserved_rows=settings.scheduler_reserved_rows,
+                   packed_weights=settings.packed_weights)
