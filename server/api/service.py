@@ -96,11 +96,9 @@ class Generation:
     async def tokens(self) -> AsyncIterator[TokenOut]:
         """Yield tokens until the request ends or a stop string appears; the last one has `last` set.
 
-        The end is known from the token itself (max_new_tokens reached, EOS, stop string), so the final event
-        needs no look-ahead. A request that ends otherwise (cancelled, engine error) raises APIError.
+        The end is known from the token itself (the engine's finish reason on its event, or a stop string here), so
+        the final event needs no look-ahead. A request that ends otherwise (cancelled, engine error) raises APIError.
         """
-        params = self.handle.request.params
-        eos = self.state.engine.eos_token_ids
         try:
             async for ev in self.handle.stream():
                 special = ev.token_id in self.decoder.special
@@ -111,10 +109,8 @@ class Generation:
                 if self.matcher.stopped:
                     self.handle.cancel()
                     self._settle("stop_sequence")
-                elif ev.index + 1 >= params.max_new_tokens:
-                    self._settle("length")
-                elif ev.token_id in eos and not params.ignore_eos:
-                    self._settle("eos_token")
+                elif ev.finish_reason is not None:  # the engine's rule (request.finish_reason): its last token
+                    self._settle(ev.finish_reason)
                 tok.last = bool(self.finish_reason)
                 yield tok
                 if tok.last:

@@ -40,12 +40,6 @@ class Row:
         """Prompt tokens not yet prefilled."""
         return len(self.request.decoder_prompt) - self.prompt_done
 
-    @property
-    def final_length(self) -> int:
-        """Positions the row will need when it has generated max_new_tokens."""
-        r = self.request
-        return (r.prefix.length if r.prefix else 0) + len(r.decoder_prompt) + r.params.max_new_tokens
-
 
 class RunningBatch:
     """The rows of the running batch and their places in the slot cache."""
@@ -64,7 +58,7 @@ class RunningBatch:
 
     def longest(self) -> int:
         """The largest final length among the rows (what the cache must hold per row)."""
-        return max((r.final_length for r in self.all_rows()), default=0)
+        return max((r.request.final_length for r in self.all_rows()), default=0)
 
     def used_len(self) -> int:
         """The largest number of filled positions among the rows."""
@@ -73,7 +67,7 @@ class RunningBatch:
     def add(self, rows: list[Row]) -> None:
         """Place new rows at the end of the prefill block (one cache reservation for all of them) and copy each
         row's prefix (and the runner's per-row state) into its cache row (once); all of them, or none."""
-        longest = max([self.longest()] + [r.final_length for r in rows])
+        longest = max([self.longest()] + [r.request.final_length for r in rows])
         self.cache.reserve(len(self) + len(rows), longest, self.used_len())
         placed = len(self.prefilling)
         try:

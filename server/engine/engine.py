@@ -19,9 +19,9 @@ from basemodel.model import LoadedModel
 from server.engine.batch import Row, RunningBatch
 from server.engine.config import EngineConfig
 from server.engine.device_prefix import DevicePrefix
-from server.engine.runner import check_decoder_lengths, make_runner
+from server.engine.runner import make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
-                                   RequestHandle, TaskLease, TokenEvent, Unheld)
+                                   RequestHandle, TaskLease, TokenEvent, Unheld, finish_reason)
 from server.engine.sampling import Choice, RowSampler, SamplingParams, choose_tokens
 from server.engine.scheduler import FairQueue
 
@@ -117,11 +117,6 @@ class Engine:
     def rows(self) -> list[Row]:
         """The decoding rows, in cache-row order."""
         return self.batch.decoding
-
-    def check_lengths(self, prompt_len: int, prefix_len: int, max_new_tokens: int) -> None:
-        """Raise ValueError when a decoder-only request cannot fit the context (submit asks the runner)."""
-        check_decoder_lengths(prompt_len, prefix_len, max_new_tokens, self.max_seq_len,
-                              self.cache.bytes_per_position, self.config.kv_cache_bytes)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, task: TaskLease | DevicePrefix | None = None,
                tag: str = "", loop: asyncio.AbstractEventLoop | None = None, tenant: str = "",
@@ -270,11 +265,6 @@ class Engine:
         if not len(self.batch) and not self._pending:
             self.cache.shrink()
 
-    @staticmethod
-    def _final_length(h: RequestHandle) -> int:
-        r = h.request
-        return (r.prefix.length if r.prefix else 0) + len(r.decoder_prompt) + r.params.max_new_tokens
-
     def _sweep_queue(self, now: float) -> None:
         """A few times a second, end waiting requests that were cancelled or ran out of time (they hold no row)."""
         if now < self._next_sweep:
@@ -311,7 +301,7 @@ class Engine:
                         and held.get(tenant, 0):
                     capped.add(tenant)  # a reserved row is only for a tenant that holds none
                     continue
-                want = max(longest, self._final_length(h))
+                want = max(longest, h.request.final_length)
                 rows = len(self.batch) + len(admitted) + 1
                 need = self.runner.planned_bytes(rows, want, [a.request for a in admitted] + [h.request])
                 if need > self.config.kv_cache_bytes:
@@ -415,14 +405,10 @@ class Engine:
             r.logprobs.append(c.logprob)
             if r.first_token_at is None:
                 r.first_token_at = now
-            r.handle._emit(TokenEvent(t, c.logprob, len(r.tokens) - 1, c.top), self._outbox)
-            p = r.request.params
-            if t in self.eos_token_ids and not p.ignore_eos:
-                done.setdefault("eos_token", []).append(r)
-            elif t in p.stop_token_ids:
-                done.setdefault("stop_sequence", []).append(r)
-            elif len(r.tokens) >= p.max_new_tokens:
-                done.setdefault("length", []).append(r)
+            reason = finish_reason(t, len(r.tokens), r.request.params, self.eos_token_ids)
+            r.handle._emit(TokenEvent(t, c.logprob, len(r.tokens) - 1, c.top, reason), self._outbox)
+            if reason is not None:
+                done.setdefault(reason, []).append(r)
         served = Counter(r.request.tenant for r, c in zip(rows, choices) if not r.request.cancelled and not c.error)
         self.stats.generated_tokens += sum(served.values())
         with self._cv:

@@ -30,6 +30,20 @@ class TokenEvent:
     logprob: float
     index: int  # 0-based position among the generated tokens
     top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their logprobs, when the request asked
+    finish_reason: str | None = None  # set on the token that ends the request (see `finish_reason`)
+
+
+def finish_reason(token: int, generated: int, params: SamplingParams, eos_token_ids: frozenset[int]) -> str | None:
+    """Why a request ends with `token` as its `generated`-th token, or None while it goes on: max_new_tokens
+    reached ('length'), else an EOS token unless ignore_eos ('eos_token'), else a stop token id ('stop_sequence').
+    The one rule: the engine retires rows by it and the API ends its streams by it (TokenEvent.finish_reason)."""
+    if generated >= params.max_new_tokens:
+        return "length"
+    if token in eos_token_ids and not params.ignore_eos:
+        return "eos_token"
+    if token in params.stop_token_ids:
+        return "stop_sequence"
+    return None
 
 
 @dataclass
@@ -104,6 +118,11 @@ class Request:
     def decoder_prompt(self) -> list[int]:
         """The ids fed to the decoder (or the only stack) before generating: decoder_ids, else prompt_ids."""
         return self.prompt_ids if self.decoder_ids is None else self.decoder_ids
+
+    @property
+    def final_length(self) -> int:
+        """Cache positions its row needs once it has generated max_new_tokens: prefix, decoder prompt, tokens."""
+        return (self.prefix.length if self.prefix else 0) + len(self.decoder_prompt) + self.params.max_new_tokens
 
     def expired(self, now: float) -> bool:
         """True once the request's deadline has passed."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.engine import Engine, EngineConfig
-from server.engine.request import EngineOverloaded
+from server.engine.request import EngineOverloaded, finish_reason
 from server.engine.sampling import SamplingParams
 from tests.engine.test_exactness import PROMPTS, device_prefix, run_alone
 
@@ -59,6 +59,26 @@ def test_eos_and_stop_token_ids(loaded):
     h = eos_engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=8, ignore_eos=True))
     drive(eos_engine, [h])
     assert h.wait(0).finish_reason == "length" and h.wait(0).token_ids == free
+
+
+def test_one_finish_rule_for_results_and_token_events(loaded):
+    """The token that ends a request carries the reason its result gives, no earlier token carries one, and
+    max_new_tokens decides first when the last allowed token is also EOS (as the HTTP streams always said)."""
+    free = run_alone(Engine(loaded), PROMPTS[0], None, 8)
+    k = free.index(free[3])  # the first place that token comes
+    eos_engine = Engine(loaded, EngineConfig(eos_token_ids=(free[3],)))
+    for params, reason, n in ((SamplingParams(max_new_tokens=k + 1), "length", k + 1),
+                              (SamplingParams(max_new_tokens=8), "eos_token", k + 1),
+                              (SamplingParams(max_new_tokens=8, ignore_eos=True), "length", 8)):
+        h = eos_engine.submit(PROMPTS[0], params)
+        drive(eos_engine, [h])
+        assert h.wait(0).finish_reason == reason and len(h.wait(0).token_ids) == n
+        assert [e.finish_reason for e in h.events] == [None] * (n - 1) + [reason]
+    assert finish_reason(7, 3, SamplingParams(max_new_tokens=3, stop_token_ids=(7,)), frozenset({7})) == "length"
+    assert finish_reason(7, 2, SamplingParams(max_new_tokens=3, stop_token_ids=(7,)), frozenset({7})) == "eos_token"
+    assert finish_reason(7, 2, SamplingParams(max_new_tokens=3, stop_token_ids=(7,), ignore_eos=True),
+                         frozenset({7})) == "stop_sequence"
+    assert finish_reason(8, 2, SamplingParams(max_new_tokens=3, stop_token_ids=(7,)), frozenset({7})) is None
 
 
 def test_cancel_frees_row_and_gives_the_lease_back(loaded, adapters):
