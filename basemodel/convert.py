@@ -1,5 +1,12 @@
-"""Turning uploaded files into a validated prefix artifact for the loaded model (needs the model for prompt tuning)."""
+"""Turning uploaded files into a validated prefix artifact for the loaded model (needs the model for prompt tuning).
+
+Running the model is left to whoever owns it: `artifact_from_files(..., run_model=...)` hands the one piece of
+model work (a prompt-tuning soft prompt through the frozen model) to `run_model`, which in the server runs it on
+the engine's thread between two steps (`Engine.run_exclusive`); tools that own the model alone run it in place.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -32,16 +39,27 @@ def prompt_tuning_to_kv(loaded: LoadedModel, embeddings: torch.Tensor) -> torch.
     return kv.float().cpu()
 
 
+ModelWork = Callable[[], torch.Tensor]
+
+
+def run_here(work: ModelWork) -> torch.Tensor:
+    """Run model work in the calling thread (for callers that are the model's only user)."""
+    return work()
+
+
 def artifact_from_files(files: dict[str, bytes], loaded: LoadedModel, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                        description: str = "", input_format: str = "") -> PrefixArtifact:
-    """Accept a PEFT adapter (prefix or prompt tuning) or the native format; validate against the model."""
+                        description: str = "", input_format: str = "",
+                        run_model: Callable[[ModelWork], torch.Tensor] = run_here) -> PrefixArtifact:
+    """Accept a PEFT adapter (prefix or prompt tuning) or the native format; validate against the model. Model work
+    (prompt tuning only) goes through `run_model` (see the module docstring)."""
     fp = loaded.spec.fingerprint()
     if is_peft_upload(files):
         adapter = parse_peft(files, max_bytes)
         if adapter.peft_type == "PREFIX_TUNING":
             kv = prefix_tuning_to_kv(adapter, fp)
         else:
-            kv = prompt_tuning_to_kv(loaded, adapter.embeddings.float())
+            embeddings = adapter.embeddings.float()
+            kv = run_model(lambda: prompt_tuning_to_kv(loaded, embeddings))
         base = adapter.config.get("base_model_name_or_path") or ""
         art = build_artifact(kv, fp, description=description, input_format=input_format,
                              source=f"peft:{adapter.peft_type.lower()}", extra={"peft_base_model": base})

@@ -176,8 +176,10 @@ async def put_prefix(name: NameParam, request: Request, state: StateDep, caller:
         return await _set_version(state, caller, request, name, stored, version, expected)
     limit = state.settings.max_upload_bytes
     files, form_description = await read_upload(request, limit)
+    # parsed on a worker thread; the model work (prompt tuning) runs on the engine's thread between steps
     art = await asyncio.to_thread(artifact_from_files, files, state.loaded, max_bytes=limit,
-                                  description=description or form_description)
+                                  description=description or form_description,
+                                  run_model=lambda work: state.engine.run_exclusive(work).result())
     _, tensors = await asyncio.to_thread(art.to_bytes)
     async with state.quotas.storage_lock(caller):
         try:

@@ -10,8 +10,9 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -19,6 +20,7 @@ from basemodel.model import LoadedModel
 from server.engine.batch import Row, RunningBatch
 from server.engine.config import EngineConfig
 from server.engine.device_prefix import DevicePrefix
+from server.engine.jobs import ModelJobs
 from server.engine.runner import make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
                                    RequestHandle, TaskLease, TokenEvent, Unheld, finish_reason)
@@ -26,6 +28,7 @@ from server.engine.sampling import Choice, RowSampler, SamplingParams, choose_to
 from server.engine.scheduler import FairQueue
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class EngineStats:
     decode_row_steps: int = 0  # sum over decode steps of the rows in the batch
     finished: dict[str, int] = field(default_factory=dict)
     isolated_failures: int = 0  # rows failed alone by a step that went on for their batch-mates
+    jobs: int = 0  # model jobs run between steps (run_exclusive: jobs.py)
+    job_seconds: float = 0.0  # time in them
 
 
 class Engine:
@@ -65,6 +70,7 @@ class Engine:
         self._pending = FairQueue(self.config.prompt_token_weight, self.config.output_token_weight,
                                   fifo=not self.config.fair_scheduling)  # waiting requests (scheduler.py)
         self._next_sweep = 0.0  # when the queue is next searched for cancelled or expired requests
+        self._jobs = ModelJobs()  # model work other than requests, run between steps (jobs.py)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -90,13 +96,29 @@ class Engine:
         return self.failure is not None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything queued or running (at the next step), then stop the thread."""
+        """Cancel everything queued or running (at the next step), then stop the thread; model jobs not run by
+        then fail with EngineStopped."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        with self._cv:
+            jobs = self._jobs.take()
+        ModelJobs.fail(jobs, EngineStopped("the engine is shutting down"))
+
+    def run_exclusive(self, work: Callable[[], T]) -> Future[T]:
+        """Run `work`, anything that uses the model besides serving (prompt-tuning conversion, a warm-up, an
+        evaluation), on the engine's thread between two steps; its future gets the result or the exception
+        (jobs.py). Raises EngineStopped once the engine is stopping or has failed."""
+        with self._cv:
+            if self._stopping or self.failure is not None:
+                raise EngineStopped("the engine is shutting down" if self.failure is None
+                                    else f"the engine has failed ({self.failure})")
+            fut = self._jobs.add(work)
+            self._cv.notify()
+        return fut
 
     @property
     def queue_depth(self) -> int:
@@ -160,12 +182,13 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not self._pending and not len(self.batch) and not self._stopping:
+                    while not self._pending and not len(self.batch) and not self._jobs and not self._stopping:
                         # idle for idle_release_s: give the memory of the last burst back (a burst that comes
                         # sooner reuses the buffers instead of growing them again)
                         if not self._cv.wait(timeout=self.config.idle_release_s):
                             self.release_idle_memory()
                     if self._stopping and not self._pending and not len(self.batch):
+                        ModelJobs.fail(self._jobs.take(), EngineStopped("the engine is shutting down"))
                         return
                 self.step()
         except BaseException as e:  # what a step could not confine to rows: the engine's state is unknown
@@ -177,6 +200,8 @@ class Engine:
         logger.critical("engine thread failed, every request ends with an error: %s", error, exc_info=True)
         with self._cv:
             self.failure = error
+            jobs = self._jobs.take()
+        ModelJobs.fail(jobs, EngineStopped(f"the engine has failed ({error})"))
         try:
             self._fail_all(f"the engine failed: {error}")
         finally:
@@ -193,6 +218,7 @@ class Engine:
             self._outbox.flush()
 
     def _step(self) -> None:
+        self._run_jobs()
         if self._stopping:  # shutting down: everything still here ends as cancelled
             for r in self.batch.all_rows():
                 r.request.cancelled = True
@@ -211,6 +237,17 @@ class Engine:
             self._prefill_chunk()
         if self.batch.decoding:
             self._decode()
+
+    def _run_jobs(self) -> None:
+        """Run the model jobs queued since the last step (none beside a forward: this is the engine's thread)."""
+        with self._cv:
+            jobs = self._jobs.take() if self._jobs else []
+        if self._stopping:
+            ModelJobs.fail(jobs, EngineStopped("the engine is shutting down"))
+        elif jobs:
+            ran, seconds = ModelJobs.run(jobs)
+            self.stats.jobs += ran
+            self.stats.job_seconds += seconds
 
     def _place(self, handles: list[RequestHandle]) -> None:
         """Set admitted requests up as rows (seq2seq: their encoder pass) and place them in the prefill block; if

@@ -82,6 +82,8 @@ def _cases(base_model: dict, marker: Path) -> list[tuple[str, dict[str, bytes], 
     kv = load(st)["kv"]
     peft = peft_adapter(seed=5)
     ptensors = load(peft["adapter_model.safetensors"])
+    soft = peft_adapter(seed=6, prompt_tuning=True)  # converted by the model, on the engine's thread
+    wide = {k: torch.zeros(v.shape[0], v.shape[1] + 1) for k, v in load(soft["adapter_model.safetensors"]).items()}
     huge = {"kv": {"dtype": "F32", "shape": [25_000_000_000], "data_offsets": [0, 100_000_000_000]}}
     evil = pickle.dumps(_Boom(marker))
     torch_bin = io.BytesIO()
@@ -122,6 +124,8 @@ def _cases(base_model: dict, marker: Path) -> list[tuple[str, dict[str, bytes], 
         ("zip of the artifact", {"prefix.zip": _zip(good)}, 422, ("files",)),
         ("zip bomb as tensors", {**peft, "adapter_model.safetensors": bomb}, 422, ()),
         ("path-like part names", {"../../etc/passwd": b"x", "..\\..\\boot.ini": b"y"}, 422, ("files",)),
+        ("prompt tuning of another width", {**soft, "adapter_model.safetensors": _st(wide)}, 422,
+         ("prompt_embeddings.shape",)),
     ]
 
 

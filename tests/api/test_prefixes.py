@@ -65,9 +65,17 @@ def test_list_get_download_round_trip(http):
     assert _gen(http, "roundtrip")[1] == _gen(http, "roundtrip-copy")[1]
 
 
+def _metric(http, name: str) -> float:
+    """The value of an unlabelled metric in /metrics."""
+    line = next(ln for ln in http.get("/metrics").text.splitlines() if ln.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
 def test_prompt_tuning_upload(http):
+    jobs = _metric(http, "prefixserve_engine_jobs_total")
     r = upload(http, "soft-prompt", peft_adapter(tokens=5, seed=13, prompt_tuning=True))
     assert r.status_code == 201, r.text
+    assert _metric(http, "prefixserve_engine_jobs_total") == jobs + 1  # the conversion ran as the engine's job
     assert r.json()["manifest"]["source"] == "peft:prompt_tuning" and r.json()["manifest"]["prefix_length"] == 5
     _gen(http, "soft-prompt")
 
