@@ -1,4 +1,4 @@
-"""Admin routes (admin keys only; anyone else gets 404): POST/GET /admin/keys, DELETE /admin/keys/ID,
+"""Admin routes (admin keys only; anyone else gets 403): POST/GET /admin/keys, DELETE /admin/keys/ID,
 GET /admin/tenants, PATCH /admin/tenants/NAME. Every change is written to the audit log."""
 from __future__ import annotations
 

@@ -42,9 +42,13 @@ async def identify(request: Request, state: AppState) -> Caller:
     return caller
 
 
-def _not_found() -> APIError:
-    """What a non-admin gets from an admin route: the same 404 as a path that does not exist."""
-    return APIError(404, "Not Found", "http")
+def _not_admin(caller: Caller) -> APIError:
+    """What a non-admin gets from an admin route: a 403 saying why."""
+    if not caller.tenant:
+        return APIError(403, "admin routes need an admin API key, and auth is off (the store holds no keys): create "
+                             "one with `prefixserve keys create --tenant NAME --admin` (docs/tenants.md)", "forbidden")
+    return APIError(403, f"admin routes need an admin API key: this key's tenant {caller.tenant!r} is not an admin",
+                    "forbidden")
 
 
 class AuthenticatedRoute(APIRoute):
@@ -61,7 +65,7 @@ class AuthenticatedRoute(APIRoute):
         async def authenticated(request: Request) -> Response:
             caller = await identify(request, get_state(request))
             if self.admin_only and not caller.admin:
-                raise _not_found()
+                raise _not_admin(caller)
             if reads_body:
                 await request.body()  # read and checked here, so its refusals are answered as themselves
             return await handler(request)
@@ -70,7 +74,7 @@ class AuthenticatedRoute(APIRoute):
 
 
 class AdminRoute(AuthenticatedRoute):
-    """An admin route: anyone else gets 404 whatever the body (a 422 would tell them the route exists)."""
+    """An admin route: anyone else gets 403 whatever the body."""
 
     admin_only = True
 
@@ -90,9 +94,9 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
 def require_admin(caller: CallerDep) -> Caller:
-    """The caller if it is an admin; anyone else gets the same 404 as a path that does not exist."""
+    """The caller if it is an admin; anyone else gets 403."""
     if not caller.admin:
-        raise _not_found()
+        raise _not_admin(caller)
     return caller
 
 

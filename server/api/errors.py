@@ -1,7 +1,9 @@
-"""Errors as TGI returns them, `{"error": "...", "error_type": "..."}`, and the handlers mapping our exceptions."""
+"""Errors as TGI returns them, `{"error": "...", "error_type": "..."}`, on the OpenAI routes (/v1/*) as OpenAI
+returns them, `{"error": {"message", "type", "param", "code"}}`, and the handlers mapping our exceptions."""
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,9 +35,34 @@ def validation(message: str) -> APIError:
     return APIError(422, message, "validation")
 
 
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+_PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): ")  # our messages name the bad field first: "prompt: ..."
+
+
 def error_body(message: str, error_type: str) -> dict[str, str]:
-    """The JSON body of every error (also sent as the last SSE event of a failed stream)."""
+    """The JSON body of every TGI-route error (also sent as the last SSE event of a failed stream)."""
     return {"error": message, "error_type": error_type}
+
+
+def openai_error_body(status: int, message: str, error_type: str) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error object: `type` from the status, `code` our error_type, `param` the field the message names
+    (on these routes the task is `model`)."""
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    match = _PARAM.match(message)
+    param = match.group(1) if match else ("model" if error_type == "not_found" else None)
+    return {"error": {"message": message, "type": kind, "param": "model" if param == "task" else param,
+                      "code": error_type}}
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether errors on `path` take OpenAI's shape (the /v1/* routes)."""
+    return path.startswith(OPENAI_PREFIX)
+
+
+def error_payload(path: str, status: int, message: str, error_type: str) -> dict:
+    """The error body for a request to `path`: OpenAI's shape on /v1/*, TGI's elsewhere."""
+    return openai_error_body(status, message, error_type) if is_openai_path(path) else error_body(message, error_type)
 
 
 def to_api_error(exc: Exception) -> APIError:
@@ -72,10 +99,11 @@ def to_api_error(exc: Exception) -> APIError:
     return APIError(500, f"internal error ({type(exc).__name__})", "internal")
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """A JSONResponse in TGI's error shape for any exception."""
+def error_response(exc: Exception, path: str = "") -> JSONResponse:
+    """A JSONResponse for any exception, in the error shape of `path`'s routes."""
     err = to_api_error(exc)
-    return JSONResponse(error_body(err.message, err.error_type), status_code=err.status, headers=err.headers)
+    return JSONResponse(error_payload(path, err.status, err.message, err.error_type), status_code=err.status,
+                        headers=err.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -87,17 +115,18 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register handlers so every error leaves in TGI's JSON shape with the right status."""
+    """Register handlers so every error leaves in its routes' JSON shape (OpenAI's or TGI's) with the right status."""
 
-    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(_validation_message(exc), "validation"), status_code=422)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_payload(request.url.path, 422, _validation_message(exc), "validation"),
+                            status_code=422)
 
-    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), "http"), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_payload(request.url.path, exc.status_code, str(exc.detail), "http"),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def on_known(request: Request, exc: Exception) -> JSONResponse:
-        response = error_response(exc)
+        response = error_response(exc, request.url.path)
         state = getattr(request.app.state, "prefixserve", None)
         if state is not None:
             route = request.scope.get("route")

@@ -30,7 +30,11 @@ def version_headers(version: str | None) -> dict[str, str]:
 
 
 def pick_task(query_task: str | None, adapter_id: str | None) -> str | None:
-    """?task= or LoRAX's parameters.adapter_id; both given must agree."""
+    """?task= or LoRAX's parameters.adapter_id; both given must agree, and neither may be empty (an empty one is
+    a mistake, not a request for the base model: leave it out for that)."""
+    for name, value in (("task", query_task), ("parameters.adapter_id", adapter_id)):
+        if value is not None and not value.strip():
+            raise validation(f"{name}: must not be empty (leave it out to use the bare base model)")
     if query_task and adapter_id and query_task != adapter_id:
         raise validation(f"parameters.adapter_id: {adapter_id!r} differs from ?task={query_task!r}")
     return query_task or adapter_id or None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import APIError, error_body, validation
+from server.api.errors import APIError, error_payload, validation
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class RequestLimits:
                 await asyncio.gather(task, return_exceptions=True)
                 logger.warning("%s %s: no response within %g s", scope["method"], scope["path"],
                                self.limits.request_timeout_s)
-                return await _answer(send, 504, f"no response within the request timeout "
+                return await _answer(send, scope["path"], 504, f"no response within the request timeout "
                                                 f"({self.limits.request_timeout_s:g} s)", "timeout")
             await task
         except ClientTooSlow as e:  # the generation under the stream was cancelled as its iterator closed
@@ -266,8 +266,8 @@ def _http_error(refused: _Refused) -> Exception:
     return APIError(refused.status, refused.message, refused.error_type)
 
 
-async def _answer(send: Send, status: int, message: str, error_type: str) -> None:
-    body = json.dumps(error_body(message, error_type)).encode()
+async def _answer(send: Send, path: str, status: int, message: str, error_type: str) -> None:
+    body = json.dumps(error_payload(path, status, message, error_type)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

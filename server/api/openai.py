@@ -13,7 +13,7 @@ from pydantic import Field
 
 from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
-from server.api.errors import error_body, to_api_error, validation
+from server.api.errors import openai_error_body, to_api_error, validation
 from server.api.generate import stream_response
 from server.api.logprobs import chat_logprobs, chat_top, completion_logprobs, completion_top
 from server.api.schemas import Lenient, check_stops, sampling_params
@@ -36,8 +36,8 @@ class StreamOptions(Lenient):
 class _Common(Lenient):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = Field(None, description="Task name, or the base model's id (or empty) for no task")
-    max_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default)")
+    model: str = Field(description="Task name, or the base model's id (GET /v1/models lists both) for no task")
+    max_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default, 20)")
     temperature: float | None = Field(None, description="Default 1 (sampling); 0 means greedy")
     top_p: float | None = None
     n: int | None = Field(None, description="Choices per prompt")
@@ -89,8 +89,12 @@ def _check_neutral(r: _Common) -> None:
         raise validation(f"n: must be in [1, {MAX_CHOICES}]")
 
 
-def _task(state: AppState, model: str | None) -> str | None:
-    return None if model in (None, "", state.model_id, state.loaded.name) else model
+def _task(state: AppState, model: str) -> str | None:
+    """The task `model` names; None for the base model."""
+    if not model:
+        raise validation(f"model: must not be empty: give a task name, or {state.model_id!r} (the base model) for "
+                         "no task; GET /v1/models lists both")
+    return None if model in (state.model_id, state.loaded.name) else model
 
 
 def _params(state: AppState, r: _Common, max_tokens: int | None,
@@ -176,7 +180,7 @@ async def _openai_stream(gens: list[Generation], head: dict[str, Any], choice, u
             yield _data({**head, "choices": [], "usage": _usage(gens)})
     except Exception as e:
         err = to_api_error(e)
-        yield _data(error_body(err.message, err.error_type))
+        yield _data(openai_error_body(err.status, err.message, err.error_type))
     yield b"data: [DONE]\n\n"
 
 
@@ -186,15 +190,15 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     """OpenAI completions: `model` is the task; `prompt` a string or a list; n, stop, seed, stream."""
     if body.suffix:
         raise validation("suffix: not supported by this server")
+    task = _task(state, body.model)
     top = completion_top(body.logprobs)
     params, stops = _params(state, body, body.max_tokens, top)
     prompts = await _prompts(state, body.prompt)
-    task = _task(state, body.model)
     jobs = [(task, ids, sp, stops) for ids in prompts for sp in params]
     gens = await start_many(state, caller, started, jobs, "v1_completions")
     echo = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in params]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
+            "model": body.model, "system_fingerprint": FINGERPRINT}
     if body.stream:
         sent: dict[int, int] = {}  # choice -> characters of token text sent so far (logprobs' text_offset)
 
@@ -231,13 +235,14 @@ async def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int
 async def chat_completions(body: ChatRequest, request: Request, state: StateDep, caller: CallerDep,
                            started: StartedDep):
     """OpenAI chat completions for models with a chat template; `model` is the task."""
+    task = _task(state, body.model)
     top = chat_top(body.logprobs, body.top_logprobs)
     params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens, top)
     ids = await _chat_prompt(state, body.messages)
-    jobs = [(_task(state, body.model), ids, sp, stops) for sp in params]
+    jobs = [(task, ids, sp, stops) for sp in params]
     gens = await start_many(state, caller, started, jobs, "v1_chat")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": body.model or state.model_id, "system_fingerprint": FINGERPRINT}
+            "model": body.model, "system_fingerprint": FINGERPRINT}
     if body.stream:
         head["object"] = "chat.completion.chunk"
         started = set()

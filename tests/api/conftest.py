@@ -36,6 +36,17 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
 
 
+def error_of(r: httpx.Response) -> tuple[str, str]:
+    """(message, error_type) of an error response in either shape: TGI's `{"error", "error_type"}` or, on /v1/*,
+    OpenAI's `{"error": {"message", "type", "param", "code"}}` (whose `code` is our error_type)."""
+    body = r.json()
+    if isinstance(body.get("error"), dict):
+        assert r.request.url.path.startswith("/v1/"), body  # OpenAI's shape on the OpenAI routes only
+        return body["error"]["message"], body["error"]["code"]
+    assert not r.request.url.path.startswith("/v1/"), body
+    return body["error"], body["error_type"]
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:

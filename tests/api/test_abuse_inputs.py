@@ -88,7 +88,7 @@ def test_deep_json_422_before_parsing(http):
     _err(http.post("/generate", content=deep, headers={"content-type": "application/json"}), 422, "nested deeper")
     fine = {"inputs": "[" * 100 + "{" * 100, "parameters": {"max_new_tokens": 2}}  # brackets in a string
     assert http.post("/generate", json=fine).status_code == 200
-    _err(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [[[[[[[]]]]]]]}],
+    _err(http.post("/v1/chat/completions", json={"model": "tiny-gpt2", "messages": [{"role": "user", "content": [[[[[[[]]]]]]]}],
                                                  "x": json.loads("[" * 40 + "]" * 40)}), 422, "nested deeper")
 
 
@@ -97,8 +97,8 @@ def test_deep_json_422_before_parsing(http):
 def test_odd_unicode_prompts_are_tokenised(http, text):
     r = http.post("/generate", json={**BODY, "inputs": text})
     assert r.status_code == 200, r.text
-    assert http.post("/v1/completions", json={"prompt": [text, "x"], "max_tokens": 2}).status_code == 200
-    assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}],
+    assert http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": [text, "x"], "max_tokens": 2}).status_code == 200
+    assert http.post("/v1/chat/completions", json={"model": "tiny-gpt2", "messages": [{"role": "user", "content": text}],
                                                    "max_tokens": 2}).status_code == 200
 
 
@@ -108,8 +108,8 @@ def test_unpaired_surrogates_422_naming_the_field(http):
 
     _err(post("/generate", '{"inputs": "a\\ud800b"}'), 422, "inputs", "surrogate")
     _err(post("/generate_stream", '{"inputs": "\\udfff"}'), 422, "inputs", "surrogate")
-    _err(post("/v1/completions", '{"prompt": ["ok", "x\\udc00"], "max_tokens": 2}'), 422, "prompt", "surrogate")
-    _err(post("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud83d"}]}'), 422, "surrogate")
+    _err(post("/v1/completions", '{"model": "tiny-gpt2", "prompt": ["ok", "x\\udc00"], "max_tokens": 2}'), 422, "prompt", "surrogate")
+    _err(post("/v1/chat/completions", '{"model": "tiny-gpt2", "messages": [{"role": "user", "content": "\\ud83d"}]}'), 422, "surrogate")
     assert post("/generate", '{"inputs": "pair \\ud83d\\ude00 ok", "parameters": {"max_new_tokens": 2}}'
                 ).status_code == 200  # a proper pair is an emoji
 
@@ -169,7 +169,7 @@ def test_small_body_limit_setting(strict):
 def test_client_that_stops_reading_is_cut_off_and_its_rows_freed(strict):
     """8 streams of 480 tokens (~0.8 MB of events) to a client that never reads: once the socket buffers are full,
     a write blocks, and after client_timeout_s the response is abandoned and the 8 rows are cancelled."""
-    body = json.dumps({"prompt": "hello", "n": 8, "max_tokens": 480, "stream": True, "temperature": 0}).encode()
+    body = json.dumps({"model": "tiny-gpt2", "prompt": "hello", "n": 8, "max_tokens": 480, "stream": True, "temperature": 0}).encode()
     cancelled0, tokens0 = _metric(strict, "prefixserve_engine_finished_total{reason=\"cancelled\""), \
         _metric(strict, "prefixserve_engine_generated_tokens_total")
     req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -204,10 +204,25 @@ def test_generation_past_its_deadline_504_and_row_freed(hasty):
     with hasty.client() as c:
         before = _metric(hasty, "prefixserve_engine_finished_total{reason=\"timeout\"")
         _err(c.post("/generate", json=long), 504, "request timeout")
-        _err(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 480, "n": 2}), 504)
+        _err(c.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "max_tokens": 480, "n": 2}), 504)
         events = [line for line in c.post("/generate_stream", json=long).text.splitlines() if line]
         last = json.loads(events[-1].removeprefix("data:"))
         assert last["error_type"] == "timeout" and len(events) > 1  # tokens, then the error event
         assert _metric(hasty, "prefixserve_engine_finished_total{reason=\"timeout\"") == before + 4
         assert _metric(hasty, "prefixserve_batch_size") == 0
         assert c.post("/generate", json=BODY).status_code == 200  # short ones still fit
+
+
+def test_openai_stream_past_its_deadline_ends_with_openai_error(hasty):
+    """A /v1 stream that fails after it started ends with OpenAI's error event: the openai client raises the
+    server's message."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{hasty.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    stream = client.completions.create(model="tiny-gpt2", prompt="x", max_tokens=480, temperature=0, stream=True)
+    texts = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            texts.append(chunk.choices[0].text)
+    assert texts and "request timeout" in e.value.message, e.value.message
+    assert e.value.code == "timeout" and e.value.type == "server_error"

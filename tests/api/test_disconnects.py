@@ -19,13 +19,13 @@ def _cancelled(http: httpx.Client) -> float:
 def test_disconnects_log_nothing_spurious(http, server):
     start = len(server.log.read_bytes())
     for path, body in (("/generate", {"inputs": "x", "parameters": LONG}),
-                       ("/v1/completions", {"prompt": "x", "max_tokens": 450, "n": 2})):
+                       ("/v1/completions", {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 450, "n": 2})):
         before = _cancelled(http)
         with pytest.raises(httpx.TimeoutException):  # the client gives up while the generation runs
             httpx.post(f"{server.url}{path}", json=body, timeout=0.5)
         assert _wait_for(lambda: _cancelled(http) > before)
     for path, body in (("/generate_stream", {"inputs": "x", "parameters": LONG}),
-                       ("/v1/completions", {"prompt": "x", "max_tokens": 450, "n": 2, "stream": True})):
+                       ("/v1/completions", {"model": "tiny-gpt2", "prompt": "x", "max_tokens": 450, "n": 2, "stream": True})):
         before = _cancelled(http)
         with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=30) as r:  # leaves after one event
             assert next(line for line in r.iter_lines() if line.startswith("data:"))

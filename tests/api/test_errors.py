@@ -1,4 +1,4 @@
-"""Every client error class: status, TGI error shape, the field named; never a 500."""
+"""Every client error class: status, TGI's error shape (OpenAI's on /v1/*), the field named; never a 500."""
 from __future__ import annotations
 
 import io
@@ -11,16 +11,21 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from tests.api.conftest import peft_adapter, read_until_closed, start_server, stop_server, upload
+from tests.api.conftest import error_of, peft_adapter, read_until_closed, start_server, stop_server, upload
 
 
 def _err(r: httpx.Response, status: int, *words: str) -> dict:
+    """Check the status, the shape of the body and the words of its message; the body as TGI's shape."""
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
-    assert set(body) == {"error", "error_type"}, body
+    if r.request.url.path.startswith("/v1/"):
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    else:
+        assert set(body) == {"error", "error_type"}, body
+    message, error_type = error_of(r)
     for w in words:
-        assert w in body["error"], (w, body)
-    return body
+        assert w in message, (w, body)
+    return {"error": message, "error_type": error_type}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +33,17 @@ def task(server) -> str:
     with server.client() as c:
         upload(c, "errs", peft_adapter(seed=3))
     return "errs"
+
+
+def test_empty_task_is_422_not_the_base_model(http):
+    """An empty ?task= (or adapter_id) is a mistake to name, not a silent request for the bare model."""
+    for path in ("/generate?task=", "/generate_stream?task=", "/?task=%20"):
+        _err(http.post(path, json={"inputs": "hi"}), 422, "task: must not be empty")
+    _err(http.post("/generate", json={"inputs": "hi", "parameters": {"adapter_id": ""}}), 422,
+         "parameters.adapter_id: must not be empty")
+    _err(http.post("/v1/completions", json={"model": "", "prompt": "hi"}), 422, "model: must not be empty")
+    _err(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 422, "model")
+    assert http.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 1}}).status_code == 200
 
 
 def test_unknown_task_404(http):
@@ -58,8 +74,8 @@ def test_malformed_json_bodies_422(http):
     _err(http.post("/generate", json={"inputs": ""}), 422, "inputs")
     nan = b'{"inputs": "hi", "parameters": {"temperature": NaN}}'
     _err(http.post("/generate", content=nan, headers={"content-type": "application/json"}), 422, "temperature")
-    _err(http.post("/v1/completions", json={"prompt": "hi", "n": 0}), 422, "n")
-    _err(http.post("/v1/completions", json={"prompt": [[10**9]]}), 422, "token ids")
+    _err(http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "hi", "n": 0}), 422, "n")
+    _err(http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": [[10**9]]}), 422, "token ids")
 
 
 def test_prompt_longer_than_context_422(http):

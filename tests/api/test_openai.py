@@ -63,3 +63,28 @@ def test_models_and_errors(oai, server):
         oai.completions.create(model="missing", prompt="x", max_tokens=2)
     with pytest.raises(openai.UnprocessableEntityError):
         oai.completions.create(model="oa", prompt="x", max_tokens=2, presence_penalty=1.0)
+
+
+def test_errors_carry_the_servers_message(oai, http):
+    """OpenAI's error object on /v1/*: the client shows the server's message, type, param and code."""
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="missing", prompt="x", max_tokens=2)
+    assert str(e.value) == "Error code: 404 - no prefix named 'missing'"
+    assert e.value.body == {"message": "no prefix named 'missing'", "type": "invalid_request_error",
+                            "param": "model", "code": "not_found"}
+    with pytest.raises(openai.NotFoundError) as e:  # refused before the stream starts: the same
+        oai.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}], stream=True)
+    assert "no prefix named 'missing'" in str(e.value)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        oai.completions.create(model="oa", prompt="x", max_tokens=2, presence_penalty=1.0)
+    assert e.value.message == "Error code: 422 - presence_penalty: not supported by this server"
+    assert e.value.param == "presence_penalty" and e.value.code == "validation"
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        oai.completions.create(model="", prompt="x")
+    assert e.value.param == "model" and "must not be empty" in e.value.message
+    r = http.post("/v1/completions", json={"prompt": "x"})  # no model at all: a 422 naming it
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
+    r = http.post("/v1/nothing-here", json={})  # unknown routes under /v1 answer in OpenAI's shape too
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
+    r = http.post("/generate?task=missing", json={"inputs": "x"})  # TGI's shape stays on TGI's routes
+    assert r.json() == {"error": "no prefix named 'missing'", "error_type": "not_found"}

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from tests.api.conftest import Server, native_files, peft_adapter, start_server, stop_server, upload
+from tests.api.conftest import Server, error_of, native_files, peft_adapter, start_server, stop_server, upload
 from tests.api.test_tenants import make_key
 from tests.prefix_store.conftest import RedisServer
 
@@ -70,7 +70,8 @@ def cluster(model_dir, tmp_path_factory) -> Iterator[Cluster]:
 
 def _quota_429(r: httpx.Response, limit: str) -> int:
     assert r.status_code == 429, r.text
-    assert r.json()["error_type"] == "quota_exceeded" and limit in r.json()["error"]
+    message, error_type = error_of(r)
+    assert error_type == "quota_exceeded" and limit in message
     return int(r.headers["Retry-After"])
 
 
@@ -172,7 +173,7 @@ def test_choices_of_a_refused_request_give_back_their_tokens(cluster):
     choice = 1 + 200
     a, b = cluster.tenant(tokens_per_minute=2 * choice - 1, max_new_tokens=0)
     with a, b:
-        r = a.post("/v1/completions", json={"prompt": "x", "max_tokens": 200, "n": 2})
+        r = a.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "max_tokens": 200, "n": 2})
         _quota_429(r, "tokens_per_minute")
         booked = _eventually(lambda: _booked(cluster.a, a.tenant, "v1_completions"), "the choice was not booked")
         [(finish, prompt, generated)] = booked
@@ -238,8 +239,8 @@ def test_prompt_and_generation_limits_name_themselves(cluster):
         r = a.post("/generate", json={"inputs": "one two three four five six"})
         assert r.status_code == 422 and "max_prompt_tokens (4)" in r.json()["error"]
         assert a.post("/generate", json={"inputs": "one two"}).status_code == 200
-        r = b.post("/v1/completions", json={"prompt": "hi", "max_tokens": DEFAULT_MAX_NEW + 1})
-        assert r.status_code == 422 and f"max_new_tokens ({DEFAULT_MAX_NEW})" in r.json()["error"]  # the default
+        r = b.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "hi", "max_tokens": DEFAULT_MAX_NEW + 1})
+        assert r.status_code == 422 and f"max_new_tokens ({DEFAULT_MAX_NEW})" in error_of(r)[0]  # the default
         assert b.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": DEFAULT_MAX_NEW}}
                       ).status_code == 200
     a, b = cluster.tenant(max_new_tokens=5)  # an override of the default

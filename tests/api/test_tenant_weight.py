@@ -35,7 +35,7 @@ async def _weights_seen(model_dir: Path, store: str, keys: dict[str, str]) -> di
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=60) as c:
             for tenant, key in keys.items():
                 auth = {"Authorization": f"Bearer {key}"}
-                for path, body in (("/generate", BODY), ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                for path, body in (("/generate", BODY), ("/v1/completions", {"model": "tiny-gpt2", "prompt": "hi", "max_tokens": 2}),
                                    ("/generate_stream", BODY)):
                     r = await c.post(path, json=body, headers=auth)
                     assert r.status_code == 200, (tenant, path, r.text)

@@ -19,7 +19,7 @@ import pytest
 from prefix_store.backend import open_backend
 from server.tenants.directory import TenantDirectory
 from server.tenants.limits import Limits
-from tests.api.conftest import Server, native_files, peft_adapter, start_server, stop_server, upload
+from tests.api.conftest import Server, error_of, native_files, peft_adapter, start_server, stop_server, upload
 from tests.prefix_store.conftest import RedisServer
 
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
@@ -122,7 +122,7 @@ def test_cross_tenant_paths_are_404_and_change_nothing(tenants):
                 attempts.append(upload(bob, name, native_files(t.base_model, 12)))
             for r in attempts:
                 assert r.status_code == 404, (ref, r.request.method, r.request.url, r.status_code, r.text)
-                assert r.json()["error_type"] == "not_found"
+                assert error_of(r)[1] == "not_found"
                 body = r.request.content if r.request.method != "PUT" else b""  # uploads: random tensors
                 sent = str(r.request.url) + body.decode(errors="ignore")
                 for leak in (secret, old, "alice"):  # nothing of alice's that bob did not send himself

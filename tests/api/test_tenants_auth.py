@@ -1,5 +1,5 @@
 """API keys on one real server with a disk store: auth off until the first key, then 401 without a valid key,
-both headers accepted, open health routes, admin routes 404 for non-admins, revocation and the CLI contract."""
+both headers accepted, open health routes, admin routes 403 for non-admins, revocation and the CLI contract."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.api.conftest import Server, read_until_closed, start_server, stop_server
+from tests.api.conftest import Server, error_of, read_until_closed, start_server, stop_server
 from tests.api.test_tenants import make_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,8 @@ def test_auth_off_then_on_with_the_first_key(open_server):
     with s.client() as c:
         assert c.post("/generate", json=BODY).status_code == 200
         assert c.post("/generate", json=BODY, headers=bearer("sk-anything")).status_code == 200  # ignored when off
-        assert c.get("/admin/keys").status_code == 404  # the anonymous caller is no admin
+        r = c.get("/admin/keys")  # the anonymous caller is no admin, and is told how to become one
+        assert r.status_code == 403 and "auth is off" in r.json()["error"] and "--admin" in r.json()["error"], r.text
 
         done = cli("keys", "create", "--tenant", "ops", "--admin", "--label", "test", "--store", str(s.store))
         assert done.returncode == 0, done.stderr
@@ -75,7 +76,9 @@ def test_auth_off_then_on_with_the_first_key(open_server):
         for method, path in (("GET", "/admin/keys"), ("GET", "/admin/tenants"), ("POST", "/admin/keys"),
                              ("DELETE", f"/admin/keys/{alice['id']}"), ("PATCH", "/admin/tenants/alice")):
             r = c.request(method, path, json={"tenant": "alice", "admin": True}, headers=bearer(alice["key"]))
-            assert r.status_code == 404 and r.json() == {"error": "Not Found", "error_type": "http"}, (path, r.text)
+            assert r.status_code == 403, (path, r.text)
+            assert r.json() == {"error": "admin routes need an admin API key: this key's tenant 'alice' is not an "
+                                         "admin", "error_type": "forbidden"}, (path, r.text)
 
         listed = c.get("/admin/keys", headers=bearer(admin_key)).json()["keys"]
         assert {k["tenant"] for k in listed} == {"ops", "alice"} and all("hash" not in k for k in listed)
@@ -115,7 +118,7 @@ BAD_BODIES = [  # (method, path, body, content type, the status a caller with a 
     ("POST", "/v1/chat/completions", b'{"messages": 3}', "application/json", 422, "messages"),
     ("POST", "/prefixes/e2e/rollback", b"[", "application/json", 422, "JSON decode"),
     ("PUT", "/prefixes/e2e", b"--B\r\ngarbage", "multipart/form-data; boundary=B", 422, "files"),
-    ("PATCH", "/admin/tenants/bob", b'{"limits": ', "application/json", 404, "Not Found"),  # not an admin
+    ("PATCH", "/admin/tenants/bob", b'{"limits": ', "application/json", 403, "admin API key"),  # not an admin
 ]
 
 
@@ -128,10 +131,10 @@ def test_no_valid_key_is_401_whatever_the_body(model_dir, tmp_path):
             for method, path, body, kind, status, word in BAD_BODIES:
                 for auth in ({}, bearer("psk_000000000000_" + "x" * 43), {"X-API-Key": "nope"}):
                     r = c.request(method, path, content=body, headers={"Content-Type": kind, **auth})
-                    assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", (path, auth, r.text)
+                    assert r.status_code == 401 and error_of(r)[1] == "unauthorized", (path, auth, r.text)
                     assert r.headers["WWW-Authenticate"].startswith("Bearer")
                 r = c.request(method, path, content=body, headers={"Content-Type": kind, **bearer(key)})
-                assert r.status_code == status and word in r.json()["error"], (path, r.text)
+                assert r.status_code == status and word in error_of(r)[0], (path, r.text)
             for path in ("/health", "/ready", "/metrics"):
                 assert c.request("GET", path, content=DEEP).status_code == 200, path
         head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -90,6 +90,9 @@ def test_openai_style(client, adapters):
 def test_errors_carry_the_server_message(client, tmp_path):
     with pytest.raises(NotFoundError, match="no-such-task"):
         client.generate(PROMPT, "no-such-task")
+    with pytest.raises(NotFoundError) as e:  # OpenAI's error shape on /v1/*: the same fields
+        client.completion(PROMPT, model="no-such-task")
+    assert e.value.error_type == "not_found" and e.value.message == "no prefix named 'no-such-task'"
     with pytest.raises(BadRequestError) as e:
         client.generate(PROMPT, max_new_tokens=0)
     assert e.value.status == 422 and e.value.error_type == "validation" and "max_new_tokens" in e.value.message

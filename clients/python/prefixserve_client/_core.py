@@ -165,8 +165,10 @@ def decode_event(data: str) -> dict[str, Any]:
     """One event's JSON; an error event (the stream failed after it started) raises its typed error."""
     obj = json.loads(data)
     if isinstance(obj, dict) and "error" in obj and "token" not in obj and "choices" not in obj:
-        cls = _STREAM_ERRORS.get(str(obj.get("error_type")), PrefixServeError)
-        raise cls(str(obj["error"]), None, obj.get("error_type"), None, obj)
+        err = obj["error"]  # TGI's {"error", "error_type"}, or OpenAI's {"error": {"message", "code", ...}}
+        message, kind = (err.get("message"), err.get("code")) if isinstance(err, dict) else (err, obj.get("error_type"))
+        cls = _STREAM_ERRORS.get(str(kind), PrefixServeError)
+        raise cls(str(message), None, kind, None, obj)
     return obj
 
 
@@ -186,13 +188,13 @@ def final_response(ev: StreamEvent, tokens: list[Any], version: str | None) -> G
 
 
 # ------------------------------------------------------------------ OpenAI style
-def completion_call(prompt: str | list[str], model: str | None, params: Mapping[str, Any], stream: bool) -> Call:
+def completion_call(prompt: str | list[str], model: str, params: Mapping[str, Any], stream: bool) -> Call:
     """POST /v1/completions (model = task)."""
 
     def parse(r: httpx.Response) -> Completion:
         return Completion.model_validate({**r.json(), "version": _version(r)})
 
-    body = _clean({"model": model or "", "prompt": prompt, **params, "stream": stream or None})
+    body = _clean({"model": model, "prompt": prompt, **params, "stream": stream or None})
     return Call("POST", "/v1/completions", (lambda r: r) if stream else parse, json=body, stream=stream)
 
 
@@ -201,14 +203,14 @@ def completion_chunk(data: str) -> Completion:
     return Completion.model_validate(decode_event(data))
 
 
-def chat_call(messages: list[Mapping[str, Any]], model: str | None, params: Mapping[str, Any]) -> Call:
+def chat_call(messages: list[Mapping[str, Any]], model: str, params: Mapping[str, Any]) -> Call:
     """POST /v1/chat/completions (model = task)."""
 
     def parse(r: httpx.Response) -> ChatCompletion:
         return ChatCompletion.model_validate({**r.json(), "version": _version(r)})
 
     return Call("POST", "/v1/chat/completions", parse,
-                json=_clean({"model": model or "", "messages": list(messages), **params}))
+                json=_clean({"model": model, "messages": list(messages), **params}))
 
 
 def models_call() -> Call:

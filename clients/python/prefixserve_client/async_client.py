@@ -129,16 +129,16 @@ class AsyncClient:
                       top_p=top_p, seed=seed, stop=stop, **parameters)
         return AsyncStream(self, core.stream_call(inputs, task, params), core.stream_event)
 
-    async def completion(self, prompt: str | list[str], model: str | None = None, **params: Any) -> Completion:
-        """OpenAI-style /v1/completions; `model` is the task."""
+    async def completion(self, prompt: str | list[str], model: str, **params: Any) -> Completion:
+        """OpenAI-style /v1/completions; `model` is the task or the base model's id (models()[0].id)."""
         return await self._call(core.completion_call(prompt, model, params, stream=False))
 
-    def stream_completion(self, prompt: str | list[str], model: str | None = None,
+    def stream_completion(self, prompt: str | list[str], model: str,
                           **params: Any) -> AsyncStream[Completion]:
         """OpenAI-style streamed completion: an async iterator of Completion chunks."""
         return AsyncStream(self, core.completion_call(prompt, model, params, stream=True), core.completion_chunk)
 
-    async def chat(self, messages: list[Mapping[str, Any]], model: str | None = None,
+    async def chat(self, messages: list[Mapping[str, Any]], model: str,
                    **params: Any) -> ChatCompletion:
         """OpenAI-style /v1/chat/completions."""
         return await self._call(core.chat_call(messages, model, params))

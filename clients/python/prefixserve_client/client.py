@@ -127,16 +127,17 @@ class Client:
                       top_p=top_p, seed=seed, stop=stop, **parameters)
         return Stream(self, core.stream_call(inputs, task, params), core.stream_event)
 
-    def completion(self, prompt: str | list[str], model: str | None = None, **params: Any) -> Completion:
-        """OpenAI-style /v1/completions; `model` is the task; params: max_tokens, temperature, n, stop, seed..."""
+    def completion(self, prompt: str | list[str], model: str, **params: Any) -> Completion:
+        """OpenAI-style /v1/completions; `model` is the task or the base model's id (models()[0].id); params:
+        max_tokens, temperature, n, stop, seed..."""
         return self._call(core.completion_call(prompt, model, params, stream=False))
 
-    def stream_completion(self, prompt: str | list[str], model: str | None = None,
+    def stream_completion(self, prompt: str | list[str], model: str,
                           **params: Any) -> Stream[Completion]:
         """OpenAI-style streamed completion: an iterator of Completion chunks."""
         return Stream(self, core.completion_call(prompt, model, params, stream=True), core.completion_chunk)
 
-    def chat(self, messages: list[Mapping[str, Any]], model: str | None = None, **params: Any) -> ChatCompletion:
+    def chat(self, messages: list[Mapping[str, Any]], model: str, **params: Any) -> ChatCompletion:
         """OpenAI-style /v1/chat/completions (models with a chat template)."""
         return self._call(core.chat_call(messages, model, params))
 

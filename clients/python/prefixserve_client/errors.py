@@ -85,8 +85,8 @@ def error_from_body(status: int, body: Any, retry_after: float | None = None) ->
     message, error_type = f"HTTP {status}", None
     if isinstance(body, dict):
         err = body.get("error")
-        if isinstance(err, dict):  # OpenAI's shape: {"error": {"message", "type"}}
-            message, error_type = str(err.get("message", message)), err.get("type")
+        if isinstance(err, dict):  # OpenAI's shape (/v1/*): {"error": {"message", "type", "param", "code"}}
+            message, error_type = str(err.get("message", message)), err.get("code") or err.get("type")
         elif err is not None:
             message, error_type = str(err), body.get("error_type")
         elif "detail" in body:
