@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from server import serve_cli
 from server.settings import Settings
@@ -46,6 +47,15 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def peft_base_model(s: Settings) -> str:
+    """What an exported adapter's base_model_name_or_path says: a path or hub id that PEFT's from_pretrained
+    loads (the embedded model's converted directory, a local directory made absolute, a hub id as it is)."""
+    from basemodel.model import resolve_model_path
+
+    path = resolve_model_path(s.model, Path(s.cache_dir) if s.cache_dir else None)
+    return str(Path(path).resolve()) if Path(path).is_dir() else path
+
+
 def cmd_export_peft(args: argparse.Namespace) -> int:
     """Write a stored prefix as a PEFT prefix-tuning adapter directory."""
     from prefix_store.artifact import PrefixArtifact
@@ -55,19 +65,39 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     s = Settings.from_args(args)
     manifest, tensors = asyncio.run(open_store(s.store).get(args.task))
     art = PrefixArtifact.from_bytes(manifest.to_json(), tensors, s.max_upload_bytes)
-    out = write_dir(export_peft(art, base_model_name=s.model), args.out)
+    out = write_dir(export_peft(art, base_model_name=peft_base_model(s)), args.out)
     print(out)
     return 0
 
 
+def _size(n: int) -> str:
+    """Bytes as a short human-readable size (1.2 MiB)."""
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Rows as left-aligned columns under a header (the last column is not padded)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """List stored prefixes (one JSON object per line)."""
+    """List stored prefixes: a table, or one JSON object per line with --json."""
     from prefix_store.backend import open_store
 
     s = Settings.from_args(args)
-    for name, m in asyncio.run(open_store(s.store).list()).items():
-        print(json.dumps({"task": name, "version": m.sha256, "prefix_length": m.prefix_length,
-                          "source": m.source, "description": m.description}))
+    listing = asyncio.run(open_store(s.store).list())
+    if args.json:
+        for name, m in listing.items():
+            print(json.dumps({"task": name, "version": m.sha256, "prefix_length": m.prefix_length,
+                              "source": m.source, "nbytes": m.nbytes, "description": m.description}))
+        return 0
+    rows = [[name, m.sha256[:12], m.source, str(m.prefix_length), _size(m.nbytes),
+             m.description if len(m.description) <= 60 else m.description[:57] + "..."]
+            for name, m in sorted(listing.items())]
+    print(table(rows, ["TASK", "VERSION", "SOURCE", "TOKENS", "SIZE", "DESCRIPTION"]) if rows
+          else f"no prefixes in {s.store}")
     return 0
 
 
@@ -109,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.set_defaults(func=cmd_export_peft)
 
-    p = sub.add_parser("list", help="list stored prefixes")
+    p = sub.add_parser("list", help="list stored prefixes (a table; --json: one JSON object per line)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     _store_arg(p)
     p.set_defaults(func=cmd_list)
 

@@ -20,11 +20,19 @@ def _flag_type(annotation: Any) -> Any:
     return base if base in (int, float, str) else str
 
 
+def _help(name: str, f: Any) -> str:
+    """A field's --help: its description, its default ('' shown as quotes; a None default is described in the
+    description itself) and its environment variable."""
+    value = f.default_factory() if f.default_factory is not None else f.default
+    shown = "" if value is None else f"default: {value!r}; " if value == "" else f"default: {value}; "
+    return f"{f.description} ({shown}env PREFIXSERVE_{name.upper()})"
+
+
 def add_settings_flags(p: argparse.ArgumentParser) -> None:
     """--<field> for every Settings field; unset flags leave the env var / default in charge."""
     for name, f in Settings.model_fields.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(f.annotation),
-                       default=argparse.SUPPRESS, help=f"{f.description} (env PREFIXSERVE_{name.upper()})")
+                       default=argparse.SUPPRESS, help=_help(name, f))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
