@@ -4,18 +4,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
 
+from prefix_store.base import InvalidTaskName, validate_task_name
 from trainer.methods import METHODS, MethodConfig
+from trainer.push import API_KEY_ENV, PushError, check_push, push_prefix
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a task prefix (or a baseline) on a data set")
     p.add_argument("--method", choices=METHODS, default="prefix")
     p.add_argument("--model", default="embedded", help="embedded, a local directory or a hub id")
-    p.add_argument("--data", required=True, help="e2e, webnlg, or a JSONL/CSV file with input/output columns")
+    p.add_argument("--data", required=True, help="e2e or webnlg (read from $PREFIXSERVE_DATA_DIR, default "
+                   "../shared/data beside the repository; see docs/trainer.md#data), or a JSONL/CSV file with "
+                   "input and output columns")
     p.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
     p.add_argument("--epochs", type=float, default=5.0)
     p.add_argument("--max-steps", type=int, default=0)
@@ -47,13 +52,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--push", metavar="URL", help="upload the prefix to a running server (needs --task)")
     p.add_argument("--task", help="the prefix name on the server")
+    p.add_argument("--api-key", default=None, help="the server's API key for --push, when auth is on (default: "
+                   "env PREFIXSERVE_API_KEY, as prefixctl)")
     p.set_defaults(func=cmd_train)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="decode a data split and score it (BLEU, NIST, METEOR, ROUGE-L, CIDEr)")
     p.add_argument("--model", default="embedded")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="as for train: e2e, webnlg or a JSONL/CSV file")
     p.add_argument("--split", choices=("test", "valid"), default="test")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prefix", help="native prefix artifact directory, or a training run directory")
@@ -88,6 +95,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.push and not args.task:
         print("--push needs --task NAME", file=sys.stderr)
         return 2
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.push:  # a wrong URL, key or name is found now, not after the training
+        try:
+            validate_task_name(args.task)
+            check_push(args.push, api_key)
+        except (InvalidTaskName, PushError) as e:
+            print(f"prefixserve: cannot push: {e}", file=sys.stderr)
+            return 2
     mcfg = MethodConfig(method=args.method, prefix_length=args.prefix_length,
                         encoder_prefix_length=args.encoder_prefix_length, cross_prefix_length=args.cross_prefix_length,
                         mid_dim=args.mid_dim, dropout=args.dropout, init=args.init, init_text=args.init_text)
@@ -96,8 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       max_train=args.max_train, max_valid=args.max_valid, log_every=args.log_every,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                       fix_mrs=args.fix_mrs, swap_values=args.swap_values)
+    data = load_data(args.data, seed=args.seed)  # before the model: a missing data set is told at once
     loaded = load_model(args.model, device=args.device, dtype="float32")
-    data = load_data(args.data, seed=args.seed)
     s = train(loaded, data, cfg, args.out)
     s["command"] = "prefixserve " + shlex.join(sys.argv[1:])  # as typed (python -m trainer.cli: the same)
     (Path(args.out) / "summary.json").write_text(json.dumps(s, indent=1))
@@ -105,9 +120,12 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{s['base_params']:,}); stored in the artifact: {s['stored_params']:,} ({100 * s['stored_share']:.4f}%)")
     print(f"{s['steps']} steps in {s['train_seconds']:.0f} s; outputs in {args.out}")
     if args.push:
-        from trainer.push import push_prefix
-
-        print(json.dumps(push_prefix(Path(args.out) / "prefix", args.push, args.task)))
+        try:
+            print(json.dumps(push_prefix(Path(args.out) / "prefix", args.push, args.task, api_key)))
+        except PushError as e:
+            print(f"prefixserve: push failed: {e}\nthe prefix is in {Path(args.out) / 'prefix'}; upload it with "
+                  f"PUT /prefixes/{args.task} (README)", file=sys.stderr)
+            return 2
     return 0
 
 

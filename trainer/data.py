@@ -172,12 +172,24 @@ def load_generic(path: str | Path, n_valid_inputs: int = 0, seed: int = 0) -> Da
     return DataSplits(train, valid, valid, GENERIC_INPUT_FORMAT, Path(path).stem)
 
 
+DATA_SOURCES = {  # where each named data set comes from (docs/trainer.md#data)
+    "e2e": "the E2E NLG Challenge data (devset.csv and testset_w_refs.csv of github.com/tuetschek/e2e-dataset)",
+    "webnlg": "WebNLG 2017 as the prefix-tuning code distributes it (train/, dev.json, test/testdata_with_lex.xml)",
+}
+
+
 def load_data(spec: str, seed: int = 0) -> DataSplits:
-    """'e2e', 'webnlg' or a path to a JSONL/CSV file."""
-    if spec == "e2e":
-        return load_e2e(seed=seed)
-    if spec == "webnlg":
-        return load_webnlg()
+    """'e2e', 'webnlg' or a path to a JSONL/CSV file; FileNotFoundError saying where the data goes when absent."""
+    if spec in DATA_SOURCES:
+        d = data_dir() / spec
+        if not d.is_dir():
+            raise FileNotFoundError(f"--data {spec}: no {d}: put {DATA_SOURCES[spec]} there, or set "
+                                    "PREFIXSERVE_DATA_DIR to the directory that holds e2e/ and webnlg/ "
+                                    "(docs/trainer.md#data)")
+        return load_e2e(seed=seed) if spec == "e2e" else load_webnlg()
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"--data {spec!r}: not e2e, webnlg or an existing .jsonl/.csv file with input and "
+                                "output columns (docs/trainer.md#data)")
     return load_generic(spec, seed=seed)
 
 

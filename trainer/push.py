@@ -2,17 +2,54 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE
 
+API_KEY_ENV = "PREFIXSERVE_API_KEY"  # the variable prefixctl (clients/python) reads its key from too
 
-def push_prefix(prefix_dir: str | Path, url: str, task: str, timeout: float = 60.0) -> dict:
-    """PUT manifest.json and prefix.safetensors to {url}/prefixes/{task}; return the server's JSON reply."""
+
+class PushError(RuntimeError):
+    """The server refused the upload or could not be reached; the message says which and why (the server's own)."""
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _refusal(r: Any) -> PushError:
+    """The server's error message of a non-2xx response (TGI's `{"error", "error_type"}` shape)."""
+    try:
+        body = r.json()
+        message, kind = str(body["error"]), str(body.get("error_type", "error"))
+    except (ValueError, KeyError, TypeError):
+        message, kind = r.text.strip()[:500] or r.reason_phrase, "error"
+    return PushError(f"{r.request.method} {r.request.url} answered {r.status_code} {kind}: {message}")
+
+
+def _request(method: str, url: str, api_key: str | None, timeout: float, **kw: Any) -> Any:
     import httpx
 
+    try:
+        r = httpx.request(method, url, headers=_headers(api_key), timeout=timeout, **kw)
+    except httpx.HTTPError as e:
+        raise PushError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
+    if r.is_error:
+        raise _refusal(r)
+    return r
+
+
+def check_push(url: str, api_key: str | None, timeout: float = 30.0) -> None:
+    """Before training: the server answers and takes the key (GET /prefixes); PushError otherwise."""
+    _request("GET", f"{url.rstrip('/')}/prefixes", api_key, timeout)
+
+
+def push_prefix(prefix_dir: str | Path, url: str, task: str, api_key: str | None = None,
+                timeout: float = 60.0) -> dict:
+    """PUT manifest.json and prefix.safetensors to {url}/prefixes/{task}; the server's JSON reply (PushError with
+    the server's message if it refuses)."""
     d = Path(prefix_dir)
     files = [("files", (name, (d / name).read_bytes(), "application/octet-stream"))
              for name in (MANIFEST_FILE, TENSORS_FILE)]
-    r = httpx.put(f"{url.rstrip('/')}/prefixes/{task}", files=files, timeout=timeout)
-    r.raise_for_status()
+    r = _request("PUT", f"{url.rstrip('/')}/prefixes/{task}", api_key, timeout, files=files)
     return r.json() if r.content else {"status": r.status_code}

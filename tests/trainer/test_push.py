@@ -7,6 +7,7 @@ import torch
 
 from basemodel.model import load_model
 from tests.api.conftest import model_dir, start_server, stop_server  # noqa: F401 (fixture)
+from prefixserve.cli import main as prefixserve_main
 from trainer.cli import main
 from trainer.evaluate import load_prefix
 from trainer.generate import generate
@@ -45,3 +46,38 @@ def test_train_push_is_served(model_dir, tmp_path, capsys):  # noqa: F811 (fixtu
         want = generate(loaded.model, loaded.tokenizer(PROMPT)["input_ids"], kv, set(), 1, 8)
     assert served_ids == want
     assert served_ids != [t["id"] for t in bare.json()["details"]["tokens"]]  # the prefix changed the output
+
+
+def test_push_with_auth_on(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811 (fixture)
+    """With auth on: no key is refused before training with the server's message; --api-key and
+    PREFIXSERVE_API_KEY push; a refusal after training prints the server's message and where the prefix is."""
+    from tests.api.test_tenants import make_key
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    store = tmp_path / "store"
+    key, small = make_key(str(store), "alice"), make_key(str(store), "tiny")
+    server = start_server(model_dir, tmp_path, max_new_tokens_default=8)
+    train = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "1", "--prefix-length", "4",
+             "--mid-dim", "16", "--batch-size", "4", "--push", server.url, "--task", "toy"]
+    monkeypatch.delenv("PREFIXSERVE_API_KEY", raising=False)
+    try:
+        assert main([*train, "--out", str(tmp_path / "nokey")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot push" in err and "401 unauthorized" in err and "API key" in err and "Traceback" not in err
+        assert not (tmp_path / "nokey").exists()  # refused before any training
+        assert main([*train, "--out", str(tmp_path / "flag"), "--api-key", key]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "toy"
+        monkeypatch.setenv("PREFIXSERVE_API_KEY", key)
+        assert main([*train, "--out", str(tmp_path / "env"), "--task", "toy2"]) == 0
+        with server.client(headers={"Authorization": f"Bearer {key}"}) as c:
+            assert {p["task"] for p in c.get("/prefixes").json()["prefixes"]} == {"toy", "toy2"}
+        assert prefixserve_main(["tenants", "set", "tiny", "--limit", "prefix_bytes=1", "--store", str(store)]) == 0
+        monkeypatch.setenv("PREFIXSERVE_API_KEY", small)
+        assert main([*train, "--out", str(tmp_path / "big")]) == 2  # trains, then the upload is over the quota
+        err = capsys.readouterr().err
+        assert "push failed" in err and "403 quota_exceeded" in err and "prefix_bytes" in err, err
+        assert str(tmp_path / "big" / "prefix") in err and (tmp_path / "big" / "prefix" / "manifest.json").exists()
+    finally:
+        stop_server(server)
+
