@@ -183,3 +183,16 @@ async def test_request_burst_waits_for_pooled_connections(namespace):
     results = await asyncio.gather(*(s.get("t") for _ in range(200)))
     assert all(t == tensors(a) for _, t in results)
     await s.close()
+
+
+async def test_no_warnings_from_the_client(namespace):
+    """The asyncio client gets an asyncio Retry: redis-py warned once per connection when handed the synchronous
+    one (34 warnings a test run)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = open_store(f"{SHARED_REDIS}?prefix={namespace}")
+        await s.put("t", art(1).manifest, tensors(art(1)))
+        assert (await s.get("t"))[1] == tensors(art(1))
+        await s.close()
