@@ -14,6 +14,20 @@ STAMP       := $(VENV)/.installed
 
 .PHONY: serve test setup setup-test bench clean
 
+# A stamp counts only while the environment still imports the server. A package installed into $(VENV) later can
+# break it (`pip install text-generation` downgrades huggingface-hub below what transformers needs), so whenever
+# site-packages changed after the stamp, `import server.app` is tried: if that fails the stamps are removed and the
+# install runs again (which puts the right versions back); if it works they are renewed.
+SITE := $(firstword $(wildcard $(VENV)/lib/python*/site-packages))
+ifneq ($(and $(SITE),$(filter serve test setup setup-test bench,$(MAKECMDGOALS))),)
+ENV_STATE := $(shell if [ -f $(STAMP) ] && [ -n "$$(find $(SITE) -maxdepth 0 -newer $(STAMP))" ]; then \
+	if $(BIN)/python -c 'import server.app' >/dev/null 2>&1; then touch $(STAMP); \
+	[ ! -f $(STAMP)-test ] || touch $(STAMP)-test; echo ok; else rm -f $(STAMP) $(STAMP)-test; echo broken; fi; fi)
+ifeq ($(ENV_STATE),broken)
+$(info $(VENV) no longer imports the server (a package installed into it changed a dependency): installing again)
+endif
+endif
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
