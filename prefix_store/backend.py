@@ -1,11 +1,13 @@
 """A store backend by URL: its prefix, key and counter stores, opened together on one directory or connection.
 
-    DIR, file://DIR[?keep_versions=N&poll=S]     disk: DiskStore, DiskKeyStore (ROOT/auth.json), LocalCounters
-    redis://[:pw@]host:port/db[?prefix=P&...]    Redis: RedisStore, RedisKeyStore, RedisCounters on one pool
+    DIR, file://DIR[?keep_versions=N&poll=S]     disk: DiskStore, DiskKeyStore (ROOT/auth.json), LocalCounters,
+                                                  DiskReplicas (ROOT/replicas/)
+    redis://[:pw@]host:port/db[?prefix=P&...]    Redis: RedisStore, RedisKeyStore, RedisCounters, RedisReplicas on
+                                                  one pool
     rediss://...                                  the same over TLS
 
-The interfaces are PrefixStore (prefix_store/base.py), KeyStore (keys.py) and Counters (counters.py); callers see
-only those, and never a backend's internals.
+The interfaces are PrefixStore (prefix_store/base.py), KeyStore (keys.py), Counters (counters.py) and Replicas
+(replicas.py); callers see only those, and never a backend's internals.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 from prefix_store.base import PrefixStore, store_options
 from prefix_store.counters import Counters, LocalCounters
 from prefix_store.keys import KeyStore
+from prefix_store.replicas import DiskReplicas, RedisReplicas, Replicas
 
 REDIS_SCHEMES = ("redis://", "rediss://")
 
@@ -26,6 +29,7 @@ class Backend:
     prefixes: PrefixStore
     keys: KeyStore
     counters: Counters
+    replicas: Replicas  # which replicas are up and what each holds (the console's replica column)
 
     @property
     def url(self) -> str:
@@ -45,7 +49,7 @@ def open_backend(url: str, **options: Any) -> Backend:
         from prefix_store.redis_keys import RedisKeyStore
 
         store = RedisStore(url, **options)
-        return Backend(store, RedisKeyStore(store.conn), RedisCounters(store.conn))
+        return Backend(store, RedisKeyStore(store.conn), RedisCounters(store.conn), RedisReplicas(store.conn))
     from prefix_store.disk import DiskStore
     from prefix_store.disk_keys import DiskKeyStore
 
@@ -56,7 +60,7 @@ def open_backend(url: str, **options: Any) -> Backend:
         raise ValueError(f"unsupported store URL {url!r}: give a directory path, file://DIR, redis:// or rediss://")
     else:
         disk = DiskStore(url, **options)
-    return Backend(disk, DiskKeyStore(disk), LocalCounters())
+    return Backend(disk, DiskKeyStore(disk), LocalCounters(), DiskReplicas(disk.root))
 
 
 def open_store(url: str, **options: Any) -> PrefixStore:

@@ -12,12 +12,13 @@ from fastapi import Depends, FastAPI
 from basemodel.model import load_model
 from prefix_store.backend import open_backend
 from prefix_store.base import StoreError
-from server.api import admin, generate, health, openai, prefixes
+from server import ui
+from server.api import admin, generate, health, openai, prefixes, replicas
 from server.api.auth import authenticate
 from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import LimitSettings, RequestLimits
-from server.api.metrics import MetricLabels, Metrics
+from server.api.metrics import MeteredStore, MetricLabels, Metrics
 from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
 from server.settings import Settings
@@ -52,15 +53,16 @@ def build_state(settings: Settings) -> AppState:
     tiers = Tiers(settings.prefix_cache_bytes, settings.host_cache_bytes,
                   lambda version, art: DevicePrefix.from_artifact(version, art, loaded.device, loaded.dtype))
     metrics = build_metrics(settings, engine, tiers)
-    tasks = TaskRegistry(backend.prefixes, tiers, loaded.spec.fingerprint(), settings.max_upload_bytes,
+    store = MeteredStore(backend.prefixes, metrics)  # every prefix store call timed, its failures counted
+    tasks = TaskRegistry(store, tiers, loaded.spec.fingerprint(), settings.max_upload_bytes,
                          on_load=metrics.cold_load)
     metrics.add_tiers(tasks)
     engine.start()
     logger.info("serving %s on %s (%s), store %s, max batch %d", settings.model, loaded.device, loaded.dtype,
                 backend.url, settings.max_batch_size)
     tenants = TenantDirectory(backend.keys, Limits.from_settings(settings), settings.auth)
-    return AppState(settings, loaded, engine, tiers, backend.prefixes, metrics, tasks, tenants,
-                    Quotas(backend.counters))
+    return AppState(settings, loaded, engine, tiers, store, metrics, tasks, tenants,
+                    Quotas(backend.counters), replicas=backend.replicas)
 
 
 async def log_auth_mode(state: AppState) -> None:
@@ -104,6 +106,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = await asyncio.to_thread(build_state, settings)
     watcher = asyncio.create_task(state.tasks.watch(), name="store-watch")
     engine_watch = asyncio.create_task(watch_engine(app, state), name="engine-watch")
+    beat = asyncio.create_task(replicas.heartbeat(state, state.replicas), name="replica-heartbeat")
     audit_file = add_audit_file(settings.audit_log) if settings.audit_log else None
     try:
         await log_auth_mode(state)
@@ -114,7 +117,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.prefixserve = None
         watcher.cancel()
         engine_watch.cancel()
-        await asyncio.gather(watcher, engine_watch, return_exceptions=True)
+        beat.cancel()
+        await asyncio.gather(watcher, engine_watch, beat, return_exceptions=True)
         await asyncio.to_thread(state.engine.stop)  # queued and running requests finish as 'cancelled'
         state.tokenizing.close()
         await state.store.close()
@@ -127,7 +131,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app (the model loads when the lifespan starts)."""
     settings = settings or Settings()
-    app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="One frozen language model serving many prefix-tuned tasks. "
                               "TGI/LoRAX- and OpenAI-compatible; see docs/api.md.")
     app.state.settings = settings
@@ -137,7 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimits, limits=LimitSettings(  # body size/time, JSON depth, slow clients
         settings.max_body_bytes, settings.max_upload_bytes, settings.max_json_depth, settings.client_timeout_s,
         settings.request_timeout_s))
-    app.include_router(health.router)  # open: /health, /ready, /metrics (and FastAPI's /docs, /openapi.json)
-    for module in (generate, openai, prefixes, admin):  # every other route needs a key once auth is on
+    app.include_router(health.router)  # open: /health, /ready, /metrics (and FastAPI's /openapi.json)
+    ui.install(app)  # open: the console at /ui, Swagger UI at /docs (local assets)
+    for module in (generate, openai, prefixes, replicas, admin):  # every other route needs a key once auth is on
         app.include_router(module.router, dependencies=[Depends(authenticate)])
     return app

@@ -129,6 +129,8 @@ class Settings(BaseSettings):
                                                                                 "labels: 'shared' = shared tasks "
                                                                                 "only, a tenant's own tasks are "
                                                                                 "':private'; 'all' = every task")
+    replica_name: str = Field("", description="This replica's name in GET /replicas and the console (default: "
+                                              "HOSTNAME:PORT)")
     audit_log: str = Field("", description="Also append the audit log (JSON lines) to this file")
     log_level: str = Field("info", description="Logging level")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on shutdown "

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from basemodel.model import LoadedModel
 from prefix_store.base import PrefixStore
+from prefix_store.replicas import ReplicaRecord, Replicas
 from server.api.errors import APIError
 from server.api.metrics import Metrics
 from server.api.tokenize import Tokenizing
@@ -35,6 +36,8 @@ class AppState:
     tenants: TenantDirectory
     quotas: Quotas
     background: set[asyncio.Task] = field(default_factory=set)  # work that outlives its request (see spawn)
+    replicas: Replicas | None = None  # the backend's registry of live replicas (GET /replicas)
+    replica: ReplicaRecord | None = None  # this replica's own record, once published
     tokenizing: Tokenizing = field(init=False)  # prompts to ids, off the event loop (closed by the lifespan)
 
     def __post_init__(self) -> None:

@@ -6,12 +6,14 @@ tenants are bounded: the first `max_tenants` seen are named, later ones are coun
 only when an admin creates them, so this bounds a deployment that has very many)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from prefix_store.base import PrefixStore, StoreError, StoreUnavailable
 from server.tenants.namespaces import ANONYMOUS_LABEL
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ class _EngineCollector:
         yield GaugeMetricFamily("prefixserve_queue_depth", "Requests waiting for a batch row", value=e.queue_depth)
         yield self._tenant_queue_depths()
         yield GaugeMetricFamily("prefixserve_batch_size", "Rows in the running batch", value=e.batch_size)
+        yield GaugeMetricFamily("prefixserve_max_batch_size", "Rows the running batch holds (--max-batch-size; "
+                                "reserved rows come on top)", value=e.config.max_batch_size)
         for f in fields(e.stats):  # every numeric engine counter (steps, tokens, seconds in forwards, ...)
             value = getattr(e.stats, f.name)
             if isinstance(value, (int, float)):
@@ -135,6 +139,12 @@ class Metrics:
         self.prefix_load = Histogram("prefixserve_prefix_cold_load_seconds", "Device-cache miss to a prefix on "
                                      "the device, by the tier it came from (host or store)", ["tier"],
                                      buckets=_LOAD_BUCKETS, registry=r)
+        self.store_seconds = Histogram("prefixserve_store_request_seconds", "Prefix store calls by operation "
+                                       "(get, get_manifest, list, put, ...), failed ones included", ["op"],
+                                       buckets=_LOAD_BUCKETS, registry=r)
+        self.store_errors = Counter("prefixserve_store_errors", "Prefix store calls that failed (kind: "
+                                    "unavailable = the backend could not be reached, error = any other failure)",
+                                    ["op", "kind"], registry=r)
         r.register(_EngineCollector(engine, cache, self.tenant))
 
     def add_tiers(self, tasks: TaskRegistry) -> None:
@@ -178,6 +188,12 @@ class Metrics:
             if generated > 1:
                 self.tpot.labels(label).observe((finished_at - first_token_at) / (generated - 1))
 
+    def store_call(self, op: str, seconds: float, failure: str | None) -> None:
+        """Record one prefix store call (`failure`: None, 'unavailable' or 'error')."""
+        self.store_seconds.labels(op).observe(seconds)
+        if failure:
+            self.store_errors.labels(op, failure).inc()
+
     def error(self, route: str, status: int, tenant: str = "") -> None:
         """Count a refused or failed request."""
         self.errors.labels(route, str(status), self.tenant(tenant)).inc()
@@ -187,3 +203,35 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+TIMED_STORE_CALLS = frozenset({"put", "get", "get_manifest", "list", "list_versions", "set_version", "delete",
+                               "snapshot"})
+
+
+class MeteredStore:
+    """A PrefixStore that times each call and counts its failures in `metrics` (a missing name or a version
+    conflict is an answer, not a failure); everything else is the wrapped store's own."""
+
+    def __init__(self, store: PrefixStore, metrics: Metrics):
+        self._store, self._metrics = store, metrics
+        self.url = store.url
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name not in TIMED_STORE_CALLS:
+            return attr
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            t0, failure = time.perf_counter(), None
+            try:
+                return await attr(*args, **kwargs)
+            except StoreUnavailable:
+                failure = "unavailable"
+                raise
+            except StoreError:
+                failure = "error"
+                raise
+            finally:
+                self._metrics.store_call(name, time.perf_counter() - t0, failure)
+        return timed
