@@ -1,6 +1,7 @@
 """Build docs/results.md from training run directories (summary.json) and evaluations (metrics.json).
 
 Usage: python -m trainer.results --row LABEL RUN_DIR EVAL_DIR [--row ...] --out docs/results.md [--update]
+       python -m trainer.results --manifest ARTIFACT_DIR --score LABEL EVAL_DIR [--score ...]
 RUN_DIR may be '-' for rows without training (the untuned model). Only measured numbers are written; the paper's
 GPT-2 medium numbers are printed beside them for context. With --update, the rows already in --out stay (a row with
 the same label is replaced), so rows measured in different sessions need not all be re-run to add one.
@@ -11,6 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from prefix_store.artifact import load_dir, save_dir
 
 PAPER = [  # Li & Liang (2021), Table 1, E2E test, GPT-2 medium (full E2E training set)
     ("paper: prefix-tuning, GPT-2 medium", 69.7, 8.81, 46.1, 71.4, 2.49),
@@ -62,13 +65,32 @@ def table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
     return "\n".join([head, *ours, *paper])
 
 
+def record_scores(artifact_dir: str | Path, evals: list[tuple[str, str]]) -> dict:
+    """Write evaluations into an artifact's manifest (`extra.scores`, keyed by label: metrics, slot errors, groups,
+    decoding, inputs); the tensors and their hash are untouched. Returns the scores written."""
+    art = load_dir(artifact_dir)
+    scores = dict(art.manifest.extra.get("scores", {}))
+    for label, eval_dir in evals:
+        ev = json.loads((Path(eval_dir) / "metrics.json").read_text())
+        scores[label] = {k: ev[k] for k in ("metrics", "slot_errors", "groups", "num_beams", "max_new_tokens",
+                                            "inputs") if k in ev}
+    art.manifest.extra["scores"] = scores
+    save_dir(art, artifact_dir)
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print (or write with --out) the results table."""
     ap = argparse.ArgumentParser(prog="python -m trainer.results")
     ap.add_argument("--row", nargs=3, action="append", metavar=("LABEL", "RUN_DIR", "EVAL_DIR"), default=[])
     ap.add_argument("--out", help="write the table into this markdown file between the RESULTS markers")
     ap.add_argument("--update", action="store_true", help="keep the rows already in --out (same label: replaced)")
+    ap.add_argument("--manifest", help="instead: write --score evaluations into this artifact directory's manifest")
+    ap.add_argument("--score", nargs=2, action="append", metavar=("LABEL", "EVAL_DIR"), default=[])
     args = ap.parse_args(argv)
+    if args.manifest:
+        print(json.dumps(record_scores(args.manifest, [tuple(x) for x in args.score]), indent=1))
+        return 0
     p = Path(args.out) if args.out else None
     doc = p.read_text() if p and p.exists() else "<!-- RESULTS -->\n<!-- /RESULTS -->\n"
     start, end = doc.index("<!-- RESULTS -->"), doc.index("<!-- /RESULTS -->")

@@ -46,3 +46,24 @@ def test_update_keeps_existing_rows_and_replaces_same_label(tmp_path):
     assert sum("paper: prefix-tuning" in r for r in rows) == 1  # the paper's rows are not kept twice
     assert main(["--row", "c", "-", str(ev), "--out", str(out)]) == 0  # without --update: only the given rows
     assert "| a |" not in out.read_text()
+
+
+def test_scores_go_into_the_manifest_and_leave_the_tensors(tmp_path):
+    import torch
+
+    from prefix_store.artifact import build_artifact, load_dir, save_dir
+
+    fp = {"model_type": "llama", "num_layers": 1, "num_kv_heads": 1, "head_dim": 2, "hidden_size": 2,
+          "vocab_size": 10, "config_hash": "x"}
+    art = build_artifact(torch.ones(1, 2, 1, 3, 2), fp, description="d", extra={"training": {"steps": 3}})
+    save_dir(art, tmp_path / "a")
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps({"metrics": {"BLEU": 0.66, "SER": 0.04}, "num_beams": 1,
+                                                 "max_new_tokens": 64, "inputs": 630, "decode_seconds": 9.0,
+                                                 "slot_errors": {"SER": 0.04}}))
+    assert main(["--manifest", str(tmp_path / "a"), "--score", "e2e test, greedy", str(ev)]) == 0
+    back = load_dir(tmp_path / "a")  # the hash still matches the tensors
+    assert back.manifest.sha256 == art.manifest.sha256 and back.manifest.extra["training"] == {"steps": 3}
+    got = back.manifest.extra["scores"]["e2e test, greedy"]
+    assert got["metrics"]["BLEU"] == 0.66 and got["inputs"] == 630 and "decode_seconds" not in got
