@@ -154,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.swap_values:
         from trainer.e2e_data import swap_values
 
-        examples = [swap_values(e, -1 - args.seed) for e in examples]
+        examples = [swap_values(e, -1 - args.seed, unstated_keep=False) for e in examples]
     untuned = not (args.prefix or args.lora or args.finetuned)
     instruction = args.instruction if args.instruction is not None else (DEFAULT_INSTRUCTION if untuned else "")
     shots = data.train[:: max(1, len(data.train) // max(args.shots, 1))][:args.shots] if args.shots else []

@@ -69,9 +69,10 @@ def _rewrite(text: str, attr: str, old: str, new: str, venues: list[tuple[int, i
     return text
 
 
-def swap_values(e: Example, seed: int) -> Example:
+def swap_values(e: Example, seed: int, unstated_keep: bool = True) -> Example:
     """The pair with its Type and food values drawn anew from the ontology (the same draw for every reference of
-    one MR and seed), in the MR and in the text; an attribute whose value the text does not state keeps it."""
+    one MR and seed), in the MR and in the text. An attribute whose value the text does not state keeps it, unless
+    `unstated_keep` is False (evaluation: every reference of an MR then stays with its one new MR)."""
     mr = parse_mr(e.input)
     rng = random.Random(int.from_bytes(hashlib.sha256(f"{seed}|{e.input}".encode()).digest()[:8], "big"))
     text = e.output
@@ -83,6 +84,6 @@ def swap_values(e: Example, seed: int) -> Example:
         if old == new or old not in VALUE_PATTERNS[attr]:
             continue
         rewritten = _rewrite(text, attr, old, new, _venue_spans(text, mr))
-        if rewritten is not None:
-            text, mr[attr] = rewritten, new
+        if rewritten is not None or not unstated_keep:
+            text, mr[attr] = rewritten or text, new
     return Example(unparse_mr(mr), text, e.group)

@@ -48,6 +48,9 @@ def test_swap_values_leaves_venue_names_and_is_one_draw_per_mr():
     twin = Example(PAIRS[3].input, "Cotto is a coffee shop with Chinese food near Café Sicilia.")
     assert parse_mr(swap_values(twin, 5).input) == parse_mr(e.input)  # the references of one MR agree
     assert swap_values(PAIRS[3], 5) == e  # deterministic
+    silent = Example(PAIRS[3].input, "Cotto is near Café Sicilia.")  # says neither type nor food
+    assert swap_values(silent, 5) == silent  # training: the MR keeps what the text cannot be rewritten to say
+    assert swap_values(silent, 5, unstated_keep=False).input == e.input  # evaluation: one MR for all references
 
 
 def test_unparse_inverts_parse():
