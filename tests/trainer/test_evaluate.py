@@ -35,7 +35,7 @@ def test_evaluate_scores_slots_ter_and_groups(make_model, tmp_path):
     loaded = make_model("llama")
     r = evaluate(loaded, loaded.model, _prefix(loaded), E2E, num_beams=1, max_new_tokens=6, progress=False,
                  use_java=False, out=tmp_path)
-    assert r["inputs"] == 2 and {"BLEU", "TER", "SER"} <= set(r["metrics"])
+    assert r["inputs"] == 2 and {"BLEU", "SER"} <= set(r["metrics"]) and "TER" not in r["metrics"]
     # a random model writes none of the five values: all missing
     assert r["slot_errors"]["values"] == 5 and r["metrics"]["SER"] >= 0.8
     assert set(r["groups"]) == {"seen", "unseen"} and r["groups"]["seen"]["inputs"] == 1
@@ -49,7 +49,7 @@ def test_non_e2e_inputs_have_no_slot_error_rate(make_model):
     loaded = make_model("llama")
     ex = [Example("Alan Bean : occupation : Test pilot", "Alan Bean was a test pilot.")]
     r = evaluate(loaded, loaded.model, None, ex, num_beams=1, max_new_tokens=4, progress=False, use_java=False)
-    assert "SER" not in r["metrics"] and "slot_errors" not in r and "groups" not in r
+    assert "SER" not in r["metrics"] and "slot_errors" not in r and "groups" not in r and "TER" in r["metrics"]
 
 
 def test_ter_counts_edits_against_the_closest_reference():
