@@ -1,6 +1,8 @@
 """Long prompts do not stall the server: prompt text past --max-prompt-bytes is refused with a 413 naming the field
 before any tokenisation, and prompts under it are tokenised off the event loop, so /health answers while several
-~1 MB prompts are tokenised (the latency bound comes from a baseline measured in the same test)."""
+~1 MB prompts are tokenised (the latency bound comes from a baseline measured in the same test). The cap applies to a
+request the schema accepts: it is checked after the body is parsed and validated (a /v1/* body without `model` is
+the 422 naming `model`, which costs no tokenisation either) and before the prompt is tokenised."""
 from __future__ import annotations
 
 import asyncio
@@ -14,18 +16,21 @@ import pytest
 
 from server.api.errors import APIError
 from server.api.tokenize import Tokenizing
-from tests.api.conftest import Server, start_server, stop_server
+from tests.api.conftest import Server, error_of, start_server, stop_server
 from tests.tiny import gpt2_tokenizer
 
 MB_TEXT = ("name : The Eagle | Type : coffee shop | food : French | area : riverside\n" * 14_000)[:1_000_000]
+MODEL = "tiny-gpt2"  # the test model's id: the base model, no task (/v1/* requires `model`)
 PROMPT_ROUTES = [  # (path, body with the prompt in it, the field the refusal names)
     ("/generate", {"inputs": MB_TEXT}, "inputs"),
     ("/generate_stream", {"inputs": MB_TEXT}, "inputs"),
     ("/", {"inputs": MB_TEXT, "stream": False}, "inputs"),
-    ("/v1/completions", {"prompt": MB_TEXT, "max_tokens": 2}, "prompt"),
-    ("/v1/completions", {"prompt": ["short", MB_TEXT[:300_000]], "max_tokens": 2}, "prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": MB_TEXT}], "max_tokens": 2}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": MB_TEXT}]}],
+    ("/v1/completions", {"model": MODEL, "prompt": MB_TEXT, "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["short", MB_TEXT[:300_000]], "max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": MB_TEXT}], "max_tokens": 2},
+     "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                        "text": MB_TEXT}]}],
                               "max_tokens": 2}, "messages"),
 ]
 
@@ -67,7 +72,19 @@ async def test_over_the_cap_refused_before_any_tokenisation():
 def test_prompt_over_the_cap_413_naming_the_field(http, path, body, field):
     r = http.post(path, json=body)
     assert r.status_code == 413, r.text
-    assert r.json()["error"].startswith(f"{field}: ") and "--max-prompt-bytes" in r.json()["error"]
+    message, error_type = error_of(r)
+    assert message.startswith(f"{field}: ") and "--max-prompt-bytes" in message and error_type == "too_large"
+    if path.startswith("/v1/"):
+        assert r.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("path,body", [(p, b) for p, b, _ in PROMPT_ROUTES if p.startswith("/v1/")])
+def test_body_the_schema_refuses_is_422_before_the_prompt_cap(http, path, body):
+    """Schema first, then the prompt cap: an oversized prompt without `model` is the 422 naming `model` (the body is
+    parsed either way, and neither answer tokenises anything)."""
+    r = http.post(path, json={k: v for k, v in body.items() if k != "model"})
+    assert r.status_code == 422, r.text
+    assert error_of(r) == ("model: Field required", "validation")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +118,7 @@ async def test_health_answers_while_megabyte_prompts_are_tokenised(roomy):
         burst = time.perf_counter() - started
         answers = await big
     for r in answers:  # tokenised, then refused for their length in tokens: a clear 422 each
-        assert r.status_code == 422 and "tokens" in r.json()["error"], r.text
+        assert r.status_code == 422 and "tokens" in error_of(r)[0], r.text
     bound = max(0.5, 20 * statistics.median(baseline), 2 * max(baseline))
     assert len(during) >= 5, (burst, during)  # /health kept answering all through the burst
     assert max(during) < bound, (max(during), bound, statistics.median(baseline), burst)
