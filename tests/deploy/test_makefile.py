@@ -35,9 +35,16 @@ def _stamp(venv: Path, site: Path) -> Path:
     return stamp
 
 
+# What an outer make (CI runs pytest inside `make test`) hands its children: a nested make would inherit its
+# command-line variables and flags and, at MAKELEVEL > 0, print "make[1]: Entering directory" around its output.
+OUTER_MAKE = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR")
+
+
 def _make_n_serve(venv: Path) -> str:
+    """`make -n serve` as a user types it at a shell, whether or not these tests run under make."""
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_MAKE}
     done = subprocess.run(["make", "-n", "serve", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
