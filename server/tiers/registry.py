@@ -16,7 +16,9 @@ task costs no store read per request for the tenant's own name). Such an absence
 tenant's namespace the request carried (read with its key, prefix_store/keys.py; bumped by every upload into the
 namespace before the upload answers), so a request that starts after an upload on any replica never gets the
 remembered absence; it is also forgotten on an event naming it, on RESYNC, and on a change made here, and never
-remembered from a read that overlapped an event.
+remembered from a read that overlapped an event naming it (or a RESYNC, or a change made here). A store read's answer
+is kept in the map on the same condition. Events for other names do not matter: on a busy store (polled, so events
+come a moment late) a read overlapping someone else's upload would otherwise leave nothing remembered.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from prefix_store.artifact import Manifest, PrefixArtifact, validate
 from prefix_store.base import (RESYNC, PrefixNotFound, PrefixStore, StoreError, StoreEvent, StoreUnavailable,
@@ -65,6 +68,15 @@ class RegistryStats:
     last_resync: float = 0.0  # unix seconds of the last reconciliation with the store
 
 
+@dataclass(eq=False)
+class _Read:
+    """A store read of one name's current manifest, in flight; `overlapped` once a change to that name may have
+    raced it (its answer may then be older than the map, so it is neither mapped nor remembered absent)."""
+
+    name: str
+    overlapped: bool = False
+
+
 class TaskRegistry:
     """The name->manifest map, the store watcher, and `acquire(ref)` through the tiers and the store."""
 
@@ -76,7 +88,7 @@ class TaskRegistry:
         self.manifests: dict[str, Manifest] = {}
         self._absent: OrderedDict[str, int] = OrderedDict()  # name -> namespace version it was found absent at
         self.stats = RegistryStats()
-        self._epoch = 0  # bumped around every event: a store read that overlaps one is not cached in the map
+        self._reads: dict[str, list[_Read]] = {}  # store reads in flight, by name (see _changing)
         self._loading: dict[str, asyncio.Future[PrefixArtifact]] = {}
         self._health: tuple[float, dict[str, Any]] | None = None
 
@@ -99,19 +111,38 @@ class TaskRegistry:
         self.stats.map_misses += 1
         if version is not None:
             return await _read(lambda: self.store.get_manifest(name, version))
-        epoch = self._epoch
+        with self._reading(name) as read:
+            try:
+                m = await _read(lambda: self.store.get_manifest(name))
+            except PrefixNotFound:
+                if remember_absent and not read.overlapped:
+                    self._absent[name] = absent_as_of
+                    self._absent.move_to_end(name)
+                    if len(self._absent) > ABSENT_MAX:
+                        self._absent.popitem(last=False)
+                raise
+            if not read.overlapped:  # nothing changed `name` meanwhile: the read is not older than the map
+                self.manifests[name] = m
+            return m
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[_Read]:
+        """Track one store read of `name` while it is in flight."""
+        read = _Read(name)
+        self._reads.setdefault(name, []).append(read)
         try:
-            m = await _read(lambda: self.store.get_manifest(name))
-        except PrefixNotFound:
-            if remember_absent and epoch == self._epoch:
-                self._absent[name] = absent_as_of
-                self._absent.move_to_end(name)
-                if len(self._absent) > ABSENT_MAX:
-                    self._absent.popitem(last=False)
-            raise
-        if epoch == self._epoch:  # no event arrived meanwhile: the read is not older than the map
-            self.manifests[name] = m
-        return m
+            yield read
+        finally:
+            reads = self._reads[name]
+            reads.remove(read)
+            if not reads:
+                del self._reads[name]
+
+    def _changing(self, name: str | None) -> None:
+        """`name` (None: every name, RESYNC) changes: reads of it in flight now are not remembered."""
+        for reads in self._reads.values() if name is None else [self._reads.get(name, [])]:
+            for read in reads:
+                read.overlapped = True
 
     async def acquire(self, ref: str, absent_as_of: int | None = None) -> Lease:
         """A lease on the device payload of `NAME` or `NAME@VERSION`, for one request to hand to the engine (which
@@ -160,7 +191,7 @@ class TaskRegistry:
     # -- changes made through this replica --
     def remember(self, name: str, m: Manifest, previous: Manifest | None = None) -> None:
         """`name` now points to `m` (an upload or rollback on this replica); the old version leaves the device."""
-        self._epoch += 1
+        self._changing(name)
         self._absent.pop(name, None)
         old = self.manifests.get(name, previous)
         self.manifests[name] = m
@@ -170,7 +201,7 @@ class TaskRegistry:
     def forget(self, name: str, version: str | None = None) -> None:
         """`name` was deleted: its version (the map's, else `version`: what the store held) leaves the map, the
         device and host memory, unless another name still points to it."""
-        self._epoch += 1
+        self._changing(name)
         self._absent.pop(name, None)
         old = self.manifests.pop(name, None)
         sha = old.sha256 if old is not None else version
@@ -185,8 +216,11 @@ class TaskRegistry:
 
     # -- changes seen by the watcher --
     async def on_event(self, event: StoreEvent) -> None:
-        """Apply one store event: a moved name, a deleted name, or RESYNC (reconcile with a snapshot)."""
-        self._epoch += 1
+        """Apply one store event: a moved name, a deleted name, or RESYNC (reconcile with a snapshot). Reads of the
+        name (of every name on RESYNC) in flight when it starts or when it ends are not remembered (one that began
+        and ended in between began after the change was in the store)."""
+        changed = None if event == RESYNC else event.name
+        self._changing(changed)
         if event == RESYNC:  # events may have been missed: no absence is known any more
             self._absent.clear()
         else:
@@ -199,7 +233,7 @@ class TaskRegistry:
             else:
                 await self._moved(event.name, event.version)
         finally:
-            self._epoch += 1
+            self._changing(changed)
             self.stats.events += 1
 
     async def _moved(self, name: str, version: str) -> None:
