@@ -11,10 +11,13 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from basemodel.lora import module_table
 from basemodel.model import LoadedModel
-from prefix_store.artifact import (DEFAULT_MAX_BYTES, MANIFEST_FILE, TENSORS_FILE, ArtifactError, PrefixArtifact,
-                                   build_artifact, validate)
-from prefix_store.peft_io import is_peft_upload, parse_peft, prefix_tuning_to_kv
+from prefix_store.artifact import (DEFAULT_MAX_BYTES, LORA_KIND, MANIFEST_FILE, TENSORS_FILE, ArtifactError,
+                                   PrefixArtifact, build_artifact, validate)
+from prefix_store.lora import lora_from_peft, validate_lora
+from prefix_store.peft_io import (ADAPTER_WEIGHTS, LORA, is_peft_upload, parse_peft, prefix_tuning_to_kv,
+                                  read_adapter_config)
 
 
 def prompt_tuning_to_kv(loaded: LoadedModel, embeddings: torch.Tensor) -> torch.Tensor:
@@ -50,9 +53,12 @@ def run_here(work: ModelWork) -> torch.Tensor:
 def artifact_from_files(files: dict[str, bytes], loaded: LoadedModel, *, max_bytes: int = DEFAULT_MAX_BYTES,
                         description: str = "", input_format: str = "",
                         run_model: Callable[[ModelWork], torch.Tensor] = run_here) -> PrefixArtifact:
-    """Accept a PEFT adapter (prefix or prompt tuning) or the native format; validate against the model. Model work
-    (prompt tuning only) goes through `run_model` (see the module docstring)."""
+    """Accept a PEFT adapter (prefix or prompt tuning, LoRA) or the native format; validate against the model. Model
+    work (prompt tuning only) goes through `run_model` (see the module docstring)."""
     fp = loaded.spec.fingerprint()
+    if is_peft_upload(files) and read_adapter_config(files)["peft_type"] == LORA:
+        return lora_from_peft(read_adapter_config(files), files[ADAPTER_WEIGHTS], fp, module_table(loaded.model),
+                              max_bytes=max_bytes, description=description, input_format=input_format)
     if is_peft_upload(files):
         adapter = parse_peft(files, max_bytes)
         if adapter.peft_type == "PREFIX_TUNING":
@@ -72,5 +78,8 @@ def artifact_from_files(files: dict[str, bytes], loaded: LoadedModel, *, max_byt
     else:
         raise ArtifactError("files", f"a PEFT adapter (adapter_config.json + adapter_model.safetensors) or "
                             f"the native format ({MANIFEST_FILE} + {TENSORS_FILE})", sorted(files))
-    validate(art, fp)
+    if art.manifest.kind == LORA_KIND:
+        validate_lora(art, fp, module_table(loaded.model))
+    else:
+        validate(art, fp)
     return art

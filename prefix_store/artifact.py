@@ -27,7 +27,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: `kv` only, positions "after_prefix"
+READABLE_VERSIONS = (1, 2, 3)  # version 1: `kv` only, positions "after_prefix"; version 3: LoRA (prefix_store/lora.py)
+PREFIX_KIND, LORA_KIND = "prefix_kv", "lora"  # the task kinds: a KV prefix, or a LoRA adapter
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "prefix.safetensors"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -78,7 +79,7 @@ class Manifest:
     dtype: str
     sha256: str
     format_version: int = FORMAT_VERSION
-    kind: str = "prefix_kv"
+    kind: str = PREFIX_KIND  # or LORA_KIND (format version 3)
     created: float = field(default_factory=time.time)
     description: str = ""
     source: str = "native"
@@ -88,6 +89,7 @@ class Manifest:
     encoder_prefix_length: int = 0  # P of `encoder_kv` (0: none)
     cross_prefix_length: int = 0  # P of `cross_kv` (0: none)
     positions: str = "after_prefix"  # decoder position ids start at prefix_length, or "from_zero"
+    lora: dict[str, Any] = field(default_factory=dict)  # a LoRA adapter's rank, alpha, modules (prefix_store/lora.py)
 
     @property
     def version(self) -> str:
@@ -95,8 +97,11 @@ class Manifest:
         return self.sha256
 
     def to_json(self) -> bytes:
-        """Canonical JSON bytes."""
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+        """Canonical JSON bytes (`lora` only in a LoRA manifest, so prefix manifests read as they did before it)."""
+        d = asdict(self)
+        if not d["lora"]:
+            del d["lora"]
+        return json.dumps(d, sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str | dict) -> Manifest:
@@ -119,11 +124,18 @@ class Manifest:
             raise ArtifactError("manifest.format_version", f"one of {list(READABLE_VERSIONS)}", version)
         types = {"base_model": dict, "prefix_length": int, "dtype": str, "sha256": str, "kind": str,
                  "description": str, "source": str, "input_format": str, "extra": dict,
-                 "encoder_prefix_length": int, "cross_prefix_length": int, "positions": str}
+                 "encoder_prefix_length": int, "cross_prefix_length": int, "positions": str, "lora": dict}
         for name, typ in types.items():
             if name in d and (not isinstance(d[name], typ) or isinstance(d[name], bool)):
                 raise ArtifactError(f"manifest.{name}", typ.__name__, type(d[name]).__name__)
         m = cls(**d)
+        if m.kind not in (PREFIX_KIND, LORA_KIND):
+            raise ArtifactError("manifest.kind", f"one of {[PREFIX_KIND, LORA_KIND]}", m.kind)
+        if (m.kind == LORA_KIND) != (version == 3):
+            raise ArtifactError("manifest.format_version", "3 for a LoRA adapter (kind lora), 1 or 2 for a prefix",
+                                f"{version} with kind {m.kind}")
+        if m.kind == PREFIX_KIND and m.lora:
+            raise ArtifactError("manifest.lora", "absent in a prefix (kind prefix_kv)", sorted(m.lora))
         if m.positions not in POSITIONS:
             raise ArtifactError("manifest.positions", f"one of {list(POSITIONS)}", m.positions)
         if version == 1:  # version 1 means: `kv` only, PEFT's positions
@@ -266,6 +278,9 @@ def allowed_tensors(fingerprint: dict[str, Any]) -> list[str]:
 def validate(artifact: PrefixArtifact, fingerprint: dict[str, Any], *, check_hash: bool = True) -> None:
     """Check an artifact against the loaded base model; raise ArtifactError naming the first mismatch."""
     m = artifact.manifest
+    if m.kind == LORA_KIND:
+        from prefix_store.lora import validate_lora  # that module builds on this one
+        return validate_lora(artifact, fingerprint, check_hash=check_hash)
     for key, want in fingerprint.items():
         got = m.base_model.get(key)
         if got != want:

@@ -29,7 +29,8 @@ from prefix_store.artifact import DEFAULT_MAX_BYTES, ArtifactError, PrefixArtifa
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
-SUPPORTED = ("PREFIX_TUNING", "PROMPT_TUNING")
+SUPPORTED = ("PREFIX_TUNING", "PROMPT_TUNING")  # prompt learning, read here
+LORA = "LORA"  # read by prefix_store/lora.py
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 # task type -> PEFT's num_transformer_submodules for it (the only value PEFT serves correctly for that task type)
 _SUBMODULES = {"CAUSAL_LM": 1, "SEQ_2_SEQ_LM": 2}
@@ -54,8 +55,9 @@ def is_peft_upload(names: list[str] | set[str]) -> bool:
     return ADAPTER_CONFIG in set(names)
 
 
-def parse_peft(files: dict[str, bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> PeftAdapter:
-    """Parse a PEFT adapter from its files (name -> bytes). Pickle checkpoints are refused, never loaded."""
+def read_adapter_config(files: dict[str, bytes]) -> dict[str, Any]:
+    """The adapter_config.json of a PEFT adapter's files (name -> bytes), after checking that its weights are a
+    safetensors file. Pickle checkpoints are refused, never loaded."""
     if ADAPTER_CONFIG not in files:
         raise ArtifactError("files", ADAPTER_CONFIG, sorted(files))
     if ADAPTER_WEIGHTS not in files:
@@ -70,6 +72,14 @@ def parse_peft(files: dict[str, bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> P
         raise ArtifactError(ADAPTER_CONFIG, "valid JSON", f"invalid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ArtifactError(ADAPTER_CONFIG, "a JSON object", type(cfg).__name__)
+    if cfg.get("peft_type") not in (*SUPPORTED, LORA):
+        raise ArtifactError("adapter_config.peft_type", [*SUPPORTED, LORA], cfg.get("peft_type"))
+    return cfg
+
+
+def parse_peft(files: dict[str, bytes], max_bytes: int = DEFAULT_MAX_BYTES) -> PeftAdapter:
+    """Parse a PEFT prompt-learning adapter from its files (name -> bytes); LoRA: prefix_store/lora.py."""
+    cfg = read_adapter_config(files)
     peft_type = cfg.get("peft_type")
     if peft_type not in SUPPORTED:
         raise ArtifactError("adapter_config.peft_type", list(SUPPORTED), peft_type)

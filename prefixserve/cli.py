@@ -28,7 +28,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
-    """Validate a PEFT prefix/prompt-tuning adapter against the model and store it under a task name."""
+    """Validate a PEFT prefix/prompt-tuning or LoRA adapter against the model and store it under a task name."""
     from basemodel.convert import artifact_from_files
     from basemodel.model import load_model
     from prefix_store.backend import open_store
@@ -57,15 +57,17 @@ def peft_base_model(s: Settings) -> str:
 
 
 def cmd_export_peft(args: argparse.Namespace) -> int:
-    """Write a stored prefix as a PEFT prefix-tuning adapter directory."""
-    from prefix_store.artifact import PrefixArtifact
+    """Write a stored task as a PEFT adapter directory: prefix tuning for a prefix, LoRA for a LoRA adapter."""
+    from prefix_store.artifact import LORA_KIND, PrefixArtifact
     from prefix_store.backend import open_store
+    from prefix_store.lora import export_peft_lora
     from prefix_store.peft_io import export_peft, write_dir
 
     s = Settings.from_args(args)
     manifest, tensors = asyncio.run(open_store(s.store).get(args.task))
     art = PrefixArtifact.from_bytes(manifest.to_json(), tensors, s.max_upload_bytes)
-    out = write_dir(export_peft(art, base_model_name=peft_base_model(s)), args.out)
+    export = export_peft_lora if art.manifest.kind == LORA_KIND else export_peft
+    out = write_dir(export(art, base_model_name=peft_base_model(s)), args.out)
     print(out)
     return 0
 
@@ -93,8 +95,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(json.dumps({"task": name, "version": m.sha256, "prefix_length": m.prefix_length,
                               "source": m.source, "nbytes": m.nbytes, "description": m.description}))
         return 0
-    rows = [[name, m.sha256[:12], m.source, str(m.prefix_length), _size(m.nbytes),
-             m.description if len(m.description) <= 60 else m.description[:57] + "..."]
+    rows = [[name, m.sha256[:12], m.source, f"r={m.lora['r']}" if m.lora else str(m.prefix_length),
+             _size(m.nbytes), m.description if len(m.description) <= 60 else m.description[:57] + "..."]
             for name, m in sorted(listing.items())]
     print(table(rows, ["TASK", "VERSION", "SOURCE", "TOKENS", "SIZE", "DESCRIPTION"]) if rows
           else f"no prefixes in {s.store}")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="logging level (env PREFIXSERVE_LOG_LEVEL, default info)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import-peft", help="import a PEFT prefix/prompt-tuning adapter into the store")
+    p = sub.add_parser("import-peft", help="import a PEFT prefix/prompt-tuning or LoRA adapter into the store")
     p.add_argument("dir")
     p.add_argument("--task", required=True)
     p.add_argument("--description", default=None)
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.set_defaults(func=cmd_import_peft)
 
-    p = sub.add_parser("export-peft", help="export a stored prefix as a PEFT prefix-tuning adapter")
+    p = sub.add_parser("export-peft", help="export a stored task as a PEFT adapter (prefix tuning or LoRA)")
     p.add_argument("task")
     p.add_argument("out")
     _store_arg(p)

@@ -96,3 +96,19 @@ def loaded_tiny(kind: str, seed: int = 0, **over) -> LoadedModel:
     """A LoadedModel wrapping a tiny random model (no tokenizer needed by the engine)."""
     m = tiny_model(kind, seed, **over)
     return LoadedModel(m, None, spec_from_config(m.config), f"tiny-{kind}", torch.device("cpu"), torch.float32)
+
+
+def save_lora_adapter(kind: str, path: str | Path, r: int = 4, seed: int = 0, std: float = 0.3, **lora) -> Path:
+    """Save a PEFT LoRA adapter for the tiny model with random A and B (PEFT starts B at zero, which adapts nothing).
+    `lora`: more LoraConfig fields (lora_alpha defaults to 2 r; target_modules to PEFT's default for the family)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(kind), LoraConfig(r=r, lora_alpha=lora.pop("lora_alpha", 2 * r),
+                                                        task_type="CAUSAL_LM", **lora))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(str(path))
+    return Path(path)

@@ -132,7 +132,7 @@ def test_peft_failures_name_the_problem(llama, peft_dir):
         artifact_from_files({ADAPTER_CONFIG: files[ADAPTER_CONFIG],
                              "adapter_model.bin": pickle.dumps({"x": 1})}, llama)
     cfg = json.loads(files[ADAPTER_CONFIG])
-    for key, value, field in [("peft_type", "LORA", "adapter_config.peft_type"),
+    for key, value, field in [("peft_type", "IA3", "adapter_config.peft_type"),
                               ("task_type", "SEQ_CLS", "adapter_config.task_type"),
                               ("num_layers", 7, "adapter_config.num_layers"),
                               ("num_virtual_tokens", 9, "adapter_config.num_virtual_tokens")]:

@@ -205,3 +205,22 @@ async def test_copy_between_backends(tmp_path, namespace):
     assert (again.versions_copied, again.versions_skipped) == (0, 3)
     for s in (disk, red, back):
         await s.close()
+
+
+async def test_lora_artifacts_are_stored_versioned_and_read_back_like_prefixes(store):
+    """A LoRA adapter (kind lora, format version 3) is bytes like any task: stored, versioned, read back equal."""
+    import torch
+
+    from prefix_store.lora import build_lora_artifact
+    from tests.prefix_store.conftest import FP
+
+    g = torch.Generator().manual_seed(0)
+    entry = {"r": 2, "lora_alpha": 4, "use_rslora": False, "modules": ["m"]}
+    loras = [build_lora_artifact({"m.lora_A": torch.randn(2, 3, generator=g),
+                                  "m.lora_B": torch.randn(4, 2, generator=g)}, entry, FP) for _ in range(2)]
+    for a in loras:
+        await store.put("lora", a.manifest, tensors(a))
+    m, t = await store.get("lora", loras[0].manifest.sha256)
+    assert m == loras[0].manifest and m.lora["modules"] == ["m"] and t == tensors(loras[0])
+    assert PrefixArtifact.from_bytes(m.to_json(), t).tensors.keys() == loras[0].tensors.keys()
+    assert (await store.get_manifest("lora")).sha256 == loras[1].manifest.sha256
