@@ -19,8 +19,8 @@ from server.api.deps import AppState
 from server.api.errors import install_error_handlers
 from server.api.limits import LimitSettings, RequestLimits
 from server.api.metrics import MeteredStore, MetricLabels, Metrics
-from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
+from server.engine.payload import device_payload
 from server.settings import Settings
 from server.tenants.audit import add_audit_file
 from server.tenants.directory import TenantDirectory
@@ -51,7 +51,7 @@ def build_state(settings: Settings) -> AppState:
     eos = (loaded.tokenizer.eos_token_id,) if getattr(loaded.tokenizer, "eos_token_id", None) is not None else ()
     engine = Engine(loaded, EngineConfig.from_settings(settings, eos_token_ids=eos))
     tiers = Tiers(settings.prefix_cache_bytes, settings.host_cache_bytes,
-                  lambda version, art: DevicePrefix.from_artifact(version, art, loaded.device, loaded.dtype))
+                  lambda version, art: device_payload(version, art, loaded.device, loaded.dtype))
     metrics = build_metrics(settings, engine, tiers)
     store = MeteredStore(backend.prefixes, metrics)  # every prefix store call timed, its failures counted
     tasks = TaskRegistry(store, tiers, loaded.spec.fingerprint(), settings.max_upload_bytes,

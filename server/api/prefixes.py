@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from basemodel.convert import artifact_from_files
-from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE, Manifest
+from prefix_store.artifact import LORA_KIND, MANIFEST_FILE, TENSORS_FILE, Manifest
 from prefix_store.base import (ANY_VERSION, NAMESPACE_SEP, InvalidTaskName, PrefixNotFound, StoreError,
                                VersionNotFound, validate_version)
 from server.api.admin import client_address
@@ -169,7 +169,7 @@ async def put_prefix(name: NameParam, request: Request, state: StateDep, caller:
                      version: Annotated[str | None, Query(description="Move the task to this kept version "
                                                                       "instead of uploading (a rollback)")] = None
                      ) -> JSONResponse:
-    """Upload (or atomically replace) a prefix: a PEFT prefix/prompt-tuning adapter or the native format."""
+    """Upload (or atomically replace) a task: a PEFT prefix/prompt-tuning or LoRA adapter, or the native format."""
     stored = _own(caller, name)
     expected = expected_version(if_match)
     if version is not None:
@@ -180,6 +180,8 @@ async def put_prefix(name: NameParam, request: Request, state: StateDep, caller:
     art = await asyncio.to_thread(artifact_from_files, files, state.loaded, max_bytes=limit,
                                   description=description or form_description,
                                   run_model=lambda work: state.engine.run_exclusive(work).result())
+    if art.manifest.kind == LORA_KIND and state.engine.lora_refusal is not None:
+        raise APIError(422, f"files: a LoRA adapter, but {state.engine.lora_refusal}", "validation")
     _, tensors = await asyncio.to_thread(art.to_bytes)
     async with state.quotas.storage_lock(caller):
         try:
@@ -192,7 +194,8 @@ async def put_prefix(name: NameParam, request: Request, state: StateDep, caller:
     await _namespace_changed(state, stored)
     audit("prefix.put", tenant=caller.label, client=client_address(request), task=name, stored=stored,
           version=m.sha256, previous=old.sha256 if old else None, bytes=m.nbytes)
-    logger.info("stored prefix %s version %s (%s, P=%d)", stored, m.sha256[:12], m.source, m.prefix_length)
+    logger.info("stored %s %s version %s (%s, %s)", "LoRA adapter" if m.kind == LORA_KIND else "prefix", stored,
+                m.sha256[:12], m.source, f"r={m.lora['r']}" if m.kind == LORA_KIND else f"P={m.prefix_length}")
     return JSONResponse(manifest_body(name, m), status_code=201 if old is None else 200, headers=etag_headers(m.sha256))
 
 

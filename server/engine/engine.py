@@ -21,6 +21,7 @@ from server.engine.batch import Row, RunningBatch
 from server.engine.config import EngineConfig
 from server.engine.device_prefix import DevicePrefix
 from server.engine.jobs import ModelJobs
+from server.engine.lora import DeviceLora
 from server.engine.runner import make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
                                    RequestHandle, TaskLease, TokenEvent, Unheld, finish_reason)
@@ -63,6 +64,10 @@ class Engine:
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_token_ids = frozenset(eos)
         self.runner = make_runner(loaded, self.config, self.max_seq_len)  # what differs per model kind
+        # why LoRA rows cannot be served here (None: they can): a runner serves them if it has LoRA layers
+        self.lora_refusal = None if getattr(self.runner, "lora_layers", None) is not None else (
+            f"this server's model runner ({type(self.runner).__name__}, {self.spec.model_type}) does not serve "
+            "LoRA adapters")
         self.cache = self.runner.cache
         self.batch = RunningBatch(self.cache)
         self._admitting: list[RequestHandle] = []  # taken from the queue, not yet running (prefill in progress)
@@ -140,12 +145,14 @@ class Engine:
         """The decoding rows, in cache-row order."""
         return self.batch.decoding
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, task: TaskLease | DevicePrefix | None = None,
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               task: TaskLease | DevicePrefix | DeviceLora | None = None,
                tag: str = "", loop: asyncio.AbstractEventLoop | None = None, tenant: str = "",
                weight: float = 1.0, timeout_s: float | None = None) -> RequestHandle:
         """Queue a request for `tenant` (share `weight`, see scheduler.py). `task`: the lease on its task's payload
-        (server/tiers), given back when the request ends, however it ends (a bare DevicePrefix: a payload nothing
-        holds, for tests and benchmarks); if submit raises, the caller keeps it.
+        (server/tiers), given back when the request ends, however it ends (a bare DevicePrefix or DeviceLora: a
+        payload nothing holds, for tests and benchmarks); if submit raises, the caller keeps it. A LoRA task is
+        refused (ValueError) where the runner does not serve LoRA rows (`lora_refusal`).
 
         `timeout_s` (default: the config's request_timeout_s) bounds queueing plus generation: past it the request
         ends with finish_reason 'timeout'. Raises ValueError for invalid settings, EngineOverloaded when the queue
@@ -154,8 +161,11 @@ class Engine:
         params.validate()
         if not weight > 0:
             raise ValueError(f"weight must be > 0, got {weight}")
-        task = Unheld(task) if isinstance(task, DevicePrefix) else task
-        self.runner.check(prompt_ids, task.payload if task is not None else None, params.max_new_tokens)
+        task = Unheld(task) if isinstance(task, (DevicePrefix, DeviceLora)) else task
+        payload = task.payload if task is not None else None
+        if isinstance(payload, DeviceLora) and self.lora_refusal is not None:
+            raise ValueError(f"task: {self.lora_refusal}")
+        self.runner.check(prompt_ids, payload if isinstance(payload, DevicePrefix) else None, params.max_new_tokens)
         if any(not 0 <= t < self.spec.vocab_size for t in prompt_ids):
             raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
         if loop is None:
@@ -362,7 +372,7 @@ class Engine:
         r = h.request
         now = time.monotonic()
         h._finish(GenerationResult([], [], reason, len(r.prompt_ids), r.params.seed,
-                                   r.prefix.version if r.prefix else None, r.submitted_at, None, now, error),
+                                   r.task.version if r.task else None, r.submitted_at, None, now, error),
                   self._outbox)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
@@ -469,7 +479,7 @@ class Engine:
             self.batch.remove(r)
             req = r.request
             r.handle._finish(GenerationResult(r.tokens, r.logprobs, reason, len(req.prompt_ids), req.params.seed,
-                                              req.prefix.version if req.prefix else None, req.submitted_at,
+                                              req.task.version if req.task else None, req.submitted_at,
                                               r.first_token_at, now, error), self._outbox)
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
@@ -497,8 +507,8 @@ def _decode_kv_len(rows: list[Row]) -> int:
 
 
 def generate_sync(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                  prefixes: list[TaskLease | DevicePrefix | None] | None = None, timeout: float | None = 600
-                  ) -> list[GenerationResult]:
+                  prefixes: list[TaskLease | DevicePrefix | DeviceLora | None] | None = None,
+                  timeout: float | None = 600) -> list[GenerationResult]:
     """Submit many requests to a started engine from a plain thread and wait for all (tests, benchmarks)."""
     plist = params if isinstance(params, list) else [params] * len(prompts)
     pre = prefixes or [None] * len(prompts)

@@ -77,11 +77,16 @@ def _as_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | 
     return None
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree sharing every parameter and buffer (replacing its modules leaves `model` as is)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of `model` sharing every parameter and buffer, its linear layers replaced by `PackedLinear`s;
     returns (copy, number of layers packed). The model itself is not changed."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    clone = copy.deepcopy(model, memo)
+    clone = shared_copy(model)
     packed = 0
     for parent in list(clone.modules()):
         for name, child in list(parent.named_children()):

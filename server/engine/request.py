@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from server.engine.device_prefix import DevicePrefix
+from server.engine.lora import DeviceLora
 from server.engine.sampling import SamplingParams
 
 _ids = itertools.count(1)
@@ -80,9 +81,9 @@ class TaskLease(Protocol):
 
 @dataclass(frozen=True)
 class Unheld:
-    """A payload that nothing holds (tests, benchmarks and tools that build their prefixes): nothing to give back."""
+    """A payload that nothing holds (tests, benchmarks and tools that build their payloads): nothing to give back."""
 
-    payload: DevicePrefix
+    payload: DevicePrefix | DeviceLora
 
     @property
     def version(self) -> str:
@@ -111,8 +112,15 @@ class Request:
 
     @property
     def prefix(self) -> DevicePrefix | None:
-        """The task's prefix on the device (prefixes are the one task kind today), or None."""
-        return self.task.payload if self.task is not None else None
+        """The task's prefix on the device when its task is a prefix, else None."""
+        payload = self.task.payload if self.task is not None else None
+        return payload if isinstance(payload, DevicePrefix) else None
+
+    @property
+    def lora(self) -> DeviceLora | None:
+        """The task's LoRA adapter on the device when its task is a LoRA adapter, else None."""
+        payload = self.task.payload if self.task is not None else None
+        return payload if isinstance(payload, DeviceLora) else None
 
     @property
     def decoder_prompt(self) -> list[int]:

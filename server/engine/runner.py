@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from basemodel.lora import module_table
 from basemodel.model import LoadedModel
 from server.engine.config import EngineConfig
 from server.engine.device_prefix import DevicePrefix
 from server.engine.kv_cache import SlotKVCache
-from server.engine.packed import serving_model
+from server.engine.lora import LoraLayers, LoraSlotCache
+from server.engine.packed import serving_model, shared_copy
 
 if TYPE_CHECKING:
     from server.engine.batch import Row
@@ -79,16 +81,21 @@ def check_decoder_lengths(prompt_len: int, prefix_len: int, max_new_tokens: int,
 
 
 class CausalRunner:
-    """Decoder-only models: the prompt is prefilled into the row's cache after its prefix, then decoded."""
+    """Decoder-only models: the prompt is prefilled into the row's cache after its prefix, then decoded. Rows whose
+    task is a LoRA adapter add their low-rank updates in the same forward (server/engine/lora.py)."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
         self.loaded, self.spec, self.device = loaded, loaded.spec, loaded.device
         self.config, self.max_seq_len = config, max_seq_len
-        # the module tree forwards run on: the model, or its copy with prepacked weights (packed.py)
-        self.model = serving_model(loaded.model, loaded.device, loaded.dtype, config.packed_weights)
-        self.cache = SlotKVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.device,
-                                 loaded.dtype, max_rows=config.row_capacity, max_len=max_seq_len + 1,
-                                 prefetch_limit=config.kv_cache_bytes)  # rows grown ahead of time (kv_cache.py)
+        # the module tree forwards run on: a copy of the model sharing its parameters, or its copy with prepacked
+        # weights (packed.py), with every linear layer wrapped for LoRA rows (lora.py)
+        served = serving_model(loaded.model, loaded.device, loaded.dtype, config.packed_weights)
+        self.model = shared_copy(served) if served is loaded.model else served
+        linear = [name for name, shape in module_table(loaded.model).items() if isinstance(shape, tuple)]
+        self.lora_layers = LoraLayers(self.model, linear)
+        self.cache = LoraSlotCache(self.lora_layers, self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
+                                   self.device, loaded.dtype, max_rows=config.row_capacity, max_len=max_seq_len + 1,
+                                   prefetch_limit=config.kv_cache_bytes)  # rows grown ahead of time (kv_cache.py)
         self.body, self.head = self._split_head()
 
     def check(self, prompt_ids: list[int], prefix: DevicePrefix | None, max_new_tokens: int) -> None:
@@ -101,7 +108,11 @@ class CausalRunner:
         return None
 
     def admit(self, rows: list[Row]) -> None:
-        """Nothing to set up beyond the prefix copy the batch does."""
+        """A row's LoRA adapter (if its task is one) rides along with its cache row; the batch copies prefixes."""
+        for r in rows:
+            if r.request.lora is not None:
+                self.lora_layers.check(r.request.lora)
+            r.state = r.request.lora
 
     def planned_bytes(self, rows: int, length: int, admitting: list[Request]) -> int:
         """The slot cache after `reserve(rows, length)`: prompts live in the decoder slots."""
@@ -137,7 +148,7 @@ class CausalRunner:
         self.cache.prepare(row_start, write_pos, kv_len)
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
                       use_cache=True)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.lora_layers.rows(self.cache.block_loras(row_start, ids.shape[0])):
             if self.head is not None:
                 hidden = self.body(**kwargs).last_hidden_state[:, -1, :].contiguous()  # [n, hidden]
                 return self.head(hidden)

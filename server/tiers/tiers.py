@@ -5,8 +5,8 @@
     store        below both (prefix_store/), reached by the task registry (registry.py), never from here
 
 Tiers knows no task kind: what goes on the device is whatever `to_device(version, artifact)` (given to the
-constructor) makes of an artifact, today a prefix's KV (server/engine/device_prefix.py), and all it asks of a
-payload is its `nbytes` and whether it *is* its artifact's memory (`shares_host_memory`).
+constructor) makes of an artifact (server/engine/payload.py: a prefix's KV or a LoRA adapter's factors), and all it
+asks of a payload is its `nbytes` and whether it *is* its artifact's memory (`shares_host_memory`).
 
 Pins: `lease*` pins a version for one request and returns a Lease, the handle the engine receives with the request
 and gives back with `Lease.release()` when the request ends (a second release does nothing). Nothing else pins or
