@@ -50,8 +50,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--swap-values", action="store_true", help="E2E: each epoch, draw every pair's venue type and "
                    "food from the E2E ontology and rewrite its MR and text to match")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--push", metavar="URL", help="upload the prefix to a running server (needs --task)")
-    p.add_argument("--task", help="the prefix name on the server")
+    p.add_argument("--push", metavar="URL", help="upload the prefix (--method lora: the LoRA adapter) to a running "
+                   "server (needs --task)")
+    p.add_argument("--task", help="the task name on the server")
     p.add_argument("--api-key", default=None, help="the server's API key for --push, when auth is on (default: "
                    "env PREFIXSERVE_API_KEY, as prefixctl)")
     p.set_defaults(func=cmd_train)
@@ -95,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.push and not args.task:
         print("--push needs --task NAME", file=sys.stderr)
         return 2
+    if args.push and args.method == "finetune":
+        print("--push: --method finetune makes a whole model; the server serves prefixes and LoRA adapters",
+              file=sys.stderr)
+        return 2
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.push:  # a wrong URL, key or name is found now, not after the training
         try:
@@ -120,10 +125,14 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{s['base_params']:,}); stored in the artifact: {s['stored_params']:,} ({100 * s['stored_share']:.4f}%)")
     print(f"{s['steps']} steps in {s['train_seconds']:.0f} s; outputs in {args.out}")
     if args.push:
+        what = Path(args.out) / ("lora" if args.method == "lora" else "prefix")  # trainer/loop.py's save_outputs
+        # a native artifact carries its own description; a PEFT adapter's is sent beside it
+        description = (f"lora on {data.name} ({s['steps']} steps, batch {args.batch_size}, lr {args.lr}, seed "
+                       f"{args.seed}) for {loaded.name}") if args.method == "lora" else ""
         try:
-            print(json.dumps(push_prefix(Path(args.out) / "prefix", args.push, args.task, api_key)))
+            print(json.dumps(push_prefix(what, args.push, args.task, api_key, description=description)))
         except PushError as e:
-            print(f"prefixserve: push failed: {e}\nthe prefix is in {Path(args.out) / 'prefix'}; upload it with "
+            print(f"prefixserve: push failed: {e}\nthe {what.name} is in {what}; upload it with "
                   f"PUT /prefixes/{args.task} (README)", file=sys.stderr)
             return 2
     return 0

@@ -1,10 +1,12 @@
-"""Upload a trained prefix to a running prefixserve server (PUT /prefixes/{name}, multipart `files`)."""
+"""Upload a trained prefix or LoRA adapter to a running prefixserve server (PUT /prefixes/{name}, multipart
+`files`): a native artifact directory (manifest.json + prefix.safetensors) or a PEFT adapter directory."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from prefix_store.artifact import MANIFEST_FILE, TENSORS_FILE
+from prefix_store.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 API_KEY_ENV = "PREFIXSERVE_API_KEY"  # the variable prefixctl (clients/python) reads its key from too
 
@@ -45,11 +47,13 @@ def check_push(url: str, api_key: str | None, timeout: float = 30.0) -> None:
 
 
 def push_prefix(prefix_dir: str | Path, url: str, task: str, api_key: str | None = None,
-                timeout: float = 60.0) -> dict:
-    """PUT manifest.json and prefix.safetensors to {url}/prefixes/{task}; the server's JSON reply (PushError with
-    the server's message if it refuses)."""
+                timeout: float = 60.0, description: str = "") -> dict:
+    """PUT the directory's task files to {url}/prefixes/{task}: manifest.json and prefix.safetensors, or a PEFT
+    adapter's adapter_config.json and adapter_model.safetensors (a LoRA adapter, with `description`); the server's
+    JSON reply (PushError with the server's message if it refuses)."""
     d = Path(prefix_dir)
-    files = [("files", (name, (d / name).read_bytes(), "application/octet-stream"))
-             for name in (MANIFEST_FILE, TENSORS_FILE)]
-    r = _request("PUT", f"{url.rstrip('/')}/prefixes/{task}", api_key, timeout, files=files)
+    names = (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (d / ADAPTER_CONFIG).exists() else (MANIFEST_FILE, TENSORS_FILE)
+    files = [("files", (name, (d / name).read_bytes(), "application/octet-stream")) for name in names]
+    data = {"description": description} if description else None
+    r = _request("PUT", f"{url.rstrip('/')}/prefixes/{task}", api_key, timeout, files=files, data=data)
     return r.json() if r.content else {"status": r.status_code}

@@ -81,3 +81,36 @@ def test_push_with_auth_on(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F
     finally:
         stop_server(server)
 
+
+
+def test_train_lora_push_is_served(model_dir, tmp_path, capsys):  # noqa: F811 (fixture)
+    """--method lora --push: the PEFT LoRA adapter the trainer saves is taken by the server, served with PEFT's
+    own greedy ids; --method finetune cannot be pushed (refused before training)."""
+    from peft import PeftModel
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    server = start_server(model_dir, tmp_path, max_new_tokens_default=8)
+    train = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "3", "--batch-size", "4",
+             "--lr", "0.05", "--push", server.url, "--task", "toy-lora"]
+    try:
+        assert main([*train, "--method", "finetune", "--out", str(tmp_path / "ft")]) == 2
+        assert "finetune makes a whole model" in capsys.readouterr().err and not (tmp_path / "ft").exists()
+        assert main([*train, "--method", "lora", "--out", str(tmp_path / "run")]) == 0
+        pushed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert pushed["manifest"]["kind"] == "lora" and "lora on toy" in pushed["manifest"]["description"]
+        params = {"max_new_tokens": 8, "details": True, "ignore_eos_token": True}
+        with server.client() as c:
+            served = c.post("/generate", params={"task": "toy-lora"}, json={"inputs": PROMPT, "parameters": params})
+            bare = c.post("/generate", json={"inputs": PROMPT, "parameters": params})
+        assert served.status_code == 200 and bare.status_code == 200, (served.text, bare.text)
+    finally:
+        stop_server(server)
+    loaded = load_model(str(model_dir), dtype="float32")
+    model = PeftModel.from_pretrained(loaded.model, str(tmp_path / "run" / "lora")).eval()
+    ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]])
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                          do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    served_ids = [t["id"] for t in served.json()["details"]["tokens"]]
+    assert served_ids == want
+    assert served_ids != [t["id"] for t in bare.json()["details"]["tokens"]]  # the adapter changed the output
