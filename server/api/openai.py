@@ -45,6 +45,7 @@ class _Common(Lenient):
     seed: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = Field(None, description="Keep generating after the EOS token (vLLM's extension)")
     # accepted with neutral values only
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -104,7 +105,8 @@ def _params(state: AppState, r: _Common, max_tokens: int | None,
     _check_neutral(r)
     temperature = 1.0 if r.temperature is None else r.temperature
     base = sampling_params(max_tokens, state.settings.max_new_tokens_default, do_sample=temperature > 0,
-                           temperature=temperature, top_p=r.top_p, seed=r.seed, top_logprobs=top, prefix="")
+                           temperature=temperature, top_p=r.top_p, seed=r.seed, ignore_eos=r.ignore_eos,
+                           top_logprobs=top, prefix="")
     stops = check_stops([r.stop] if isinstance(r.stop, str) else r.stop, "stop")
     out = []
     for i in range(r.n or 1):
