@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: models, adapters, workloads, the matmul peak, FLOP counting."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,6 +9,28 @@ from pathlib import Path
 import torch
 
 from basemodel.model import LoadedModel, load_model, spec_from_config
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs by nearest rank (p99 of 32 values is the largest); NaN for no values."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_mem(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak) of a process, in MiB (Linux /proc)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            k, v = line.split(":")
+            out[k] = int(v.split()[0]) / 1024
+    return out
 
 
 def measure_matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -27,13 +26,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import cpu_seconds, percentile
+
 logger = logging.getLogger("bench.http")
 MODELS = {"gpt2-small": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024), "tiny": {}}
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def make_prompts(n: int, seed: int = 0) -> list[str]:
@@ -136,12 +132,6 @@ async def _client(c: httpx.AsyncClient, reqs: list[tuple[int, str]], new: int, o
                     "tokens": len(stamps)})
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def run_http(url: str, jobs: list[tuple[int, str]], clients: int, new: int, server_pid: int) -> dict:
     """C clients share the jobs round robin; wall time from the first send to the last token, and the CPU time the
     server process and these clients used meanwhile (both on the same cores)."""
@@ -161,8 +151,8 @@ async def run_http(url: str, jobs: list[tuple[int, str]], clients: int, new: int
     tokens = sum(o["tokens"] for o in out)
     ttft, tpot = [o["ttft"] for o in out], [o["tpot"] for o in out]
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": _pct(ttft, 0.99),
-            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": _pct(tpot, 0.99), "engine": engine, **cpu}
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 0.99),
+            "tpot_p50_s": statistics.median(tpot), "tpot_p99_s": percentile(tpot, 0.99), "engine": engine, **cpu}
 
 
 def main() -> None:

@@ -26,17 +26,8 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from basemodel.model import embedded_model_dir, spec_from_config
+from bench.common import proc_mem
 from prefix_store.artifact import build_artifact
-
-
-def proc_mem(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM of a process, in MiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            k, v = line.split(":")
-            out[k] = int(v.split()[0]) / 1024
-    return out
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
