@@ -22,6 +22,7 @@ from server.engine.config import EngineConfig
 from server.engine.device_prefix import DevicePrefix
 from server.engine.jobs import ModelJobs
 from server.engine.lora import DeviceLora
+from server.engine.packed import give_back_memory
 from server.engine.runner import make_runner
 from server.engine.request import (EngineOverloaded, EngineStopped, GenerationResult, Outbox, Request,
                                    RequestHandle, TaskLease, TokenEvent, Unheld, finish_reason)
@@ -308,9 +309,13 @@ class Engine:
             self._retire([row], "error", error)
 
     def release_idle_memory(self) -> None:
-        """Shrink the KV buffers back to their initial size if nothing is running or queued."""
+        """Shrink the KV buffers back to their initial size if nothing is running or queued, and hand the freed heap
+        back to the OS (glibc keeps freed pages as the process's own otherwise)."""
         if not len(self.batch) and not self._pending:
+            before = self.cache.nbytes()
             self.cache.shrink()
+            if self.cache.nbytes() < before:  # once per burst, not every idle period (a trim costs ~0.1-0.3 s)
+                give_back_memory()
 
     def _sweep_queue(self, now: float) -> None:
         """A few times a second, end waiting requests that were cancelled or ran out of time (they hold no row)."""

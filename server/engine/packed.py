@@ -97,7 +97,7 @@ def packed_copy(model: nn.Module) -> tuple[nn.Module, int]:
     return clone, packed
 
 
-def _give_back_memory() -> None:
+def give_back_memory() -> None:
     """Return freed heap memory to the OS (glibc would keep the pages of a dropped trial copy as the process's own);
     a no-op where there is no glibc."""
     gc.collect()
@@ -152,7 +152,7 @@ def serving_model(model: nn.Module, device: torch.device, dtype: torch.dtype, mo
             logger.info("packed weights: x%.2f on this model's matrices (< x%.1f), not worth %.0f MiB: running the "
                         "model's own layers", gain, MIN_SPEEDUP, extra / 2**20)
             del clone
-            _give_back_memory()
+            give_back_memory()
             return model
         logger.info("packed weights: x%.2f on this model's matrices", gain)
     logger.info("packed %d weight matrices for CPU decoding (+%.0f MiB)", n, extra / 2**20)
