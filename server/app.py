@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
+import torch
 from fastapi import Depends, FastAPI
 
 from basemodel.model import load_model
@@ -21,6 +22,7 @@ from server.api.limits import LimitSettings, RequestLimits
 from server.api.metrics import MeteredStore, MetricLabels, Metrics
 from server.engine.engine import Engine, EngineConfig
 from server.engine.payload import device_payload
+from server.engine.quant_runner import load_quantized, resolve_quantization
 from server.settings import Settings
 from server.tenants.audit import add_audit_file
 from server.tenants.directory import TenantDirectory
@@ -47,7 +49,13 @@ def build_state(settings: Settings) -> AppState:
     options = {} if settings.store_keep_versions is None else {"keep_versions": settings.store_keep_versions}
     backend = open_backend(settings.store, **options)
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
-    loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=cache_dir)
+    if resolve_quantization(settings.quantization, settings.model, settings.device) == "q4":
+        loaded = load_quantized(settings.model, cache_dir)
+        # the kernels run the forward on threads of their own (loaded.model.threads, torch's count until now);
+        # torch's OpenMP threads, left free, would spin beside them after every small torch op (2-3x slower steps)
+        torch.set_num_threads(1)
+    else:
+        loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype, cache_dir=cache_dir)
     eos = (loaded.tokenizer.eos_token_id,) if getattr(loaded.tokenizer, "eos_token_id", None) is not None else ()
     engine = Engine(loaded, EngineConfig.from_settings(settings, eos_token_ids=eos))
     tiers = Tiers(settings.prefix_cache_bytes, settings.host_cache_bytes,
@@ -58,8 +66,8 @@ def build_state(settings: Settings) -> AppState:
                          on_load=metrics.cold_load)
     metrics.add_tiers(tasks)
     engine.start()
-    logger.info("serving %s on %s (%s), store %s, max batch %d", settings.model, loaded.device, loaded.dtype,
-                backend.url, settings.max_batch_size)
+    logger.info("serving %s on %s (%s, quantization %s), store %s, max batch %d", settings.model, loaded.device,
+                loaded.dtype, loaded.quantization, backend.url, settings.max_batch_size)
     tenants = TenantDirectory(backend.keys, Limits.from_settings(settings), settings.auth)
     return AppState(settings, loaded, engine, tiers, store, metrics, tasks, tenants,
                     Quotas(backend.counters), replicas=backend.replicas)

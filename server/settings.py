@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port to listen on")
     device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    quantization: Literal["auto", "none", "q4"] = Field(
+        "auto", description="auto: the embedded model runs on its GGUF file's own 4-bit weights (Q4_1, as llama.cpp "
+                            "serves it) on a CPU with AVX2/FMA/F16C and a C++ compiler, everything else unquantised; "
+                            "q4: quantised or refuse to start (a LLaMA-family model from safetensors is quantised at "
+                            "load); none: the model's float weights, the exact mode (greedy output equals HF PEFT's)")
     cache_dir: str | None = Field(None, description="Where converted models are cached (default ~/.cache/prefixserve)")
     max_batch_size: int = Field(ENGINE.max_batch_size, ge=1, description="Rows in the running batch")
     max_queue: int = Field(ENGINE.max_queue, ge=1,

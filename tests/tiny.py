@@ -112,3 +112,12 @@ def save_lora_adapter(kind: str, path: str | Path, r: int = 4, seed: int = 0, st
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     model.save_pretrained(str(path))
     return Path(path)
+
+
+def loaded_tiny_q4(seed: int = 0, **over) -> LoadedModel:
+    """The tiny LLaMA quantised for the lean forward (server/engine/lean.py): Q4_1 matrices, Q8_0 embedding/head."""
+    from server.engine.lean_build import quant_llama_from_hf
+
+    m = quant_llama_from_hf(tiny_model("llama", seed, **over))
+    return LoadedModel(m, None, spec_from_config(m.config), "tiny-llama-q4", torch.device("cpu"), torch.float32,
+                       quantization="q4")

@@ -30,7 +30,8 @@ async def ready(request: Request) -> JSONResponse:
     store = await state.tasks.store_health()
     t = state.tasks
     return JSONResponse({"status": "ready" if store["ok"] else "degraded", "model": state.model_id,
-                         "device": str(state.loaded.device), "max_seq_len": state.engine.max_seq_len,
+                         "device": str(state.loaded.device), "quantization": state.loaded.quantization,
+                         "max_seq_len": state.engine.max_seq_len,
                          "store": {"url": state.store.url, **store, "last_resync": t.stats.last_resync or None},
                          "cached": {"tasks": len(t.manifests), "device_prefixes": len(state.tiers.device),
                                     "host_prefixes": len(t.tiers.host)}})

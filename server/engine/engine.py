@@ -67,6 +67,7 @@ class Engine:
         self.runner = make_runner(loaded, self.config, self.max_seq_len)  # what differs per model kind
         # why LoRA rows cannot be served here (None: they can): a runner serves them if it has LoRA layers
         self.lora_refusal = None if getattr(self.runner, "lora_layers", None) is not None else (
+            getattr(self.runner, "lora_refusal", None) or
             f"this server's model runner ({type(self.runner).__name__}, {self.spec.model_type}) does not serve "
             "LoRA adapters")
         self.cache = self.runner.cache

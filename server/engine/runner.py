@@ -166,8 +166,12 @@ ENCODER_DECODER_RUNNERS = {"bart": _seq2seq}
 
 
 def make_runner(loaded: LoadedModel, config: EngineConfig, max_seq_len: int) -> Runner:
-    """The runner for this model: by model type for encoder-decoder models, CausalRunner otherwise."""
+    """The runner for this model: QuantRunner for a quantised model, by model type for encoder-decoder models,
+    CausalRunner otherwise."""
     spec = loaded.spec
+    if loaded.quantization == "q4":
+        from server.engine.quant_runner import QuantRunner  # imported here: it imports this module
+        return QuantRunner(loaded, config, max_seq_len)
     if not spec.is_encoder_decoder:
         return CausalRunner(loaded, config, max_seq_len)
     make = ENCODER_DECODER_RUNNERS.get(spec.model_type)

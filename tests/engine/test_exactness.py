@@ -39,6 +39,20 @@ def run_alone(engine: Engine, prompt, prefix, n) -> list[int]:
     return h.wait(0).token_ids
 
 
+def run_arriving(engine: Engine, jobs) -> tuple[list[list[int]], list[int]]:
+    """Submit (prompt, prefix, n) jobs three at a time every other step, while earlier ones are mid-generation;
+    step until all are done. Returns each job's token ids and the batch size after every step."""
+    handles, sizes, next_job = [], [], 0
+    while next_job < len(jobs) or not all(h.done for h in handles):
+        if next_job < len(jobs) and engine.stats.steps % 2 == 0:
+            for p, px, n in jobs[next_job:next_job + 3]:
+                handles.append(engine.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True), px))
+            next_job += 3
+        engine.step()
+        sizes.append(engine.batch_size)
+    return [h.wait(0).token_ids for h in handles], sizes
+
+
 @pytest.mark.parametrize("chunk", [512, 2], ids=["whole-prompts", "chunked-prefill"])
 def test_alone_equals_peft_generate(kind, loaded, adapters, chunk):
     engine = Engine(loaded, EngineConfig(max_batch_size=8, max_prefill_tokens=chunk))
@@ -60,16 +74,7 @@ def test_mixed_batch_join_and_leave_equals_alone(kind, loaded, adapters, chunk):
     prefixes = [device_prefix(p, loaded) for p in adapters.values()] + [None]
     jobs = [(PROMPTS[(i * 3) % len(PROMPTS)], prefixes[i % len(prefixes)], 4 + (i * 5) % 13) for i in range(14)]
     expected = [run_alone(Engine(loaded), p, px, n) for p, px, n in jobs]
-    handles, sizes, next_job = [], [], 0
-    while next_job < len(jobs) or not all(h.done for h in handles):
-        # a few new requests arrive every other step, while earlier ones are mid-generation
-        if next_job < len(jobs) and engine.stats.steps % 2 == 0:
-            for p, px, n in jobs[next_job:next_job + 3]:
-                handles.append(engine.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True), px))
-            next_job += 3
-        engine.step()
-        sizes.append(engine.batch_size)
-    got = [h.wait(0).token_ids for h in handles]
+    got, sizes = run_arriving(engine, jobs)
     assert got == expected
     assert max(sizes) == 6 and engine.stats.prefill_steps >= 4  # the batch really filled up and was refilled
     if chunk == 3:  # long prompts really were split, while other rows decoded
