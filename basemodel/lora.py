@@ -17,7 +17,10 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def module_table(model: nn.Module) -> ModuleTable:
-    """Every module path of the model: (in, out) for a linear layer, else the module's class name."""
+    """Every module path of the model: (in, out) for a linear layer, else the module's class name. A model that is
+    not a module tree (the quantised model, server/engine/lean.py) gives the table of the HF model it stands for."""
+    if not isinstance(model, nn.Module):
+        return model.module_table()
     table: ModuleTable = {}
     for name, module in model.named_modules():
         if name:

@@ -163,6 +163,15 @@ class QuantLlama:
         self.forward(None, pos, pos, k, v, 0, p, embeds=embeddings[None])
         return torch.stack([k[:, 0, :, :p], v[:, 0, :, :p]], dim=1).float()
 
+    def module_table(self) -> dict:
+        """The module paths and linear shapes of the HF model this stands for (what a LoRA adapter is checked
+        against), read off that model's module tree built on the meta device (no memory)."""
+        from transformers import AutoModelForCausalLM
+
+        from basemodel.lora import module_table
+        with torch.device("meta"):
+            return module_table(AutoModelForCausalLM.from_config(self.config))
+
     def reference(self) -> torch.nn.Module:
         """HF's LlamaForCausalLM on the dequantised weights (fp32): what this forward approximates."""
         from transformers import LlamaForCausalLM

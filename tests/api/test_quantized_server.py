@@ -8,7 +8,8 @@ import pytest
 
 from server.engine import kernels
 from tests.api.conftest import peft_adapter, start_server, stop_server
-from tests.tiny import gpt2_tokenizer, save_tiny_model_dir
+from prefix_store.peft_io import read_dir
+from tests.tiny import gpt2_tokenizer, save_lora_adapter, save_tiny_model_dir
 
 pytestmark = pytest.mark.skipif(bool(kernels.missing_cpu_flags()), reason="the CPU lacks AVX2/FMA/F16C")
 
@@ -46,6 +47,14 @@ def test_ready_says_q4_and_rows_with_tasks_equal_alone(q4_server):
         assert len({tuple(a) for a in alone}) == len(jobs)  # tasks change what rows say
         r = c.post("/v1/completions", json={"model": "pre", "prompt": "Hello", "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_lora_upload_is_refused_naming_the_mode(q4_server, tmp_path):
+    files = read_dir(save_lora_adapter("llama", tmp_path / "lora", r=4, seed=1))
+    with q4_server.client() as c:
+        r = c.put("/prefixes/lo", files=[("files", (n, b)) for n, b in files.items()])
+        assert r.status_code == 422 and "--quantization none" in r.text, r.text
+        assert c.get("/prefixes/lo").status_code == 404  # nothing stored
 
 
 def test_q4_on_a_model_it_cannot_run_is_refused_at_start(tmp_path):
