@@ -228,6 +228,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="peer-bench-"))
     peers: dict[str, Peer] = {}
     load_before = os.getloadavg()
+    if load_before[0] > 0.5 * len(os.sched_getaffinity(0)):
+        logger.warning("load average %.1f on %d CPUs: other jobs are running. llama-server's threads wait for each "
+                       "other at every operation, and with -t = the CPUs on a busy host it slows down 10x and more "
+                       "(docs/benchmarks.md): these numbers will not compare the servers", load_before[0],
+                       len(os.sched_getaffinity(0)))
     try:
         peers["prefixserve"] = start_prefixserve(work, shlex.split(args.prefixserve_args))
         upload_shipped(peers["prefixserve"])
