@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -96,8 +97,8 @@ class QuantLlama:
         self.head: Q8Packed = head.packed()
         # tied embeddings are looked up in the head's own codes (one copy)
         self.embed: Q8Packed | Q8Weight = self.head if embed is None or embed is head else embed
-        from transformers import GenerationConfig
-        self.generation_config = GenerationConfig.from_model_config(config)
+        # what the engine reads of a model's generation config: its end-of-sequence id(s)
+        self.generation_config = SimpleNamespace(eos_token_id=getattr(config, "eos_token_id", None))
         self._lib = kernels.load()
         self.threads = torch.get_num_threads()  # the kernels' own threads (server/engine/kernels/q4.cpp)
         c = self.lean
@@ -163,6 +164,14 @@ class QuantLlama:
         self.forward(None, pos, pos, k, v, 0, p, embeds=embeddings[None])
         return torch.stack([k[:, 0, :, :p], v[:, 0, :, :p]], dim=1).float()
 
+    def hf_config(self) -> Any:
+        """The HF config this model's config stands for (a LlamaConfig, built from its fields if need be)."""
+        from transformers import LlamaConfig, PretrainedConfig
+
+        if isinstance(self.config, PretrainedConfig):
+            return self.config
+        return LlamaConfig(**{k: v for k, v in vars(self.config).items() if k != "model_type"})
+
     def module_table(self) -> dict:
         """The module paths and linear shapes of the HF model this stands for (what a LoRA adapter is checked
         against), read off that model's module tree built on the meta device (no memory)."""
@@ -170,14 +179,14 @@ class QuantLlama:
 
         from basemodel.lora import module_table
         with torch.device("meta"):
-            return module_table(AutoModelForCausalLM.from_config(self.config))
+            return module_table(AutoModelForCausalLM.from_config(self.hf_config()))
 
     def reference(self) -> torch.nn.Module:
         """HF's LlamaForCausalLM on the dequantised weights (fp32): what this forward approximates."""
         from transformers import LlamaForCausalLM
 
         c = self.lean
-        model = LlamaForCausalLM(self.config).eval().requires_grad_(False)
+        model = LlamaForCausalLM(self.hf_config()).eval().requires_grad_(False)
         qw, kvw = c.heads * c.head_dim, c.kv_heads * c.head_dim
         with torch.no_grad():
             model.model.embed_tokens.weight.copy_(self.embed.dequantized())

@@ -12,17 +12,21 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from basemodel.model import (EMBEDDED_MODEL, GGUF_FILE, LoadedModel, default_cache_dir, is_embedded,
+from basemodel.model import (EMBEDDED_MODEL, GGUF_FILE, LoadedModel, ModelSpec, default_cache_dir, is_embedded,
                              publish_dir, resolve_model_path, spec_from_config)
 from server.engine import kernels
 from server.engine.config import EngineConfig
 from server.engine.kv_cache import SlotKVCache
+from server.engine.packed import give_back_memory
 from server.engine.runner import CausalRunner
 
 logger = logging.getLogger(__name__)
@@ -65,45 +69,69 @@ def embedded_gguf_path() -> Path:
     return Path(os.path.dirname(spec.origin)) / GGUF_FILE
 
 
+META_FILE = "quantised.json"  # the embedded model's spec and full config, written with the meta directory
+
+
 def embedded_meta_dir(cache_dir: Path | None = None) -> Path:
-    """A directory with the embedded model's config and tokenizer read from its GGUF (made once: reading them from
-    the GGUF takes ~15 s, from this directory well under a second)."""
+    """A directory with the embedded model's config and tokenizer read from its GGUF, and `quantised.json`: its
+    `ModelSpec` (fingerprint) and every config field, so that starting from it needs no model class of transformers
+    (importing those costs ~90 MB of resident memory). Made once: reading the GGUF takes ~15 s."""
     out = (cache_dir or default_cache_dir()) / "models" / f"{EMBEDDED_MODEL}-gguf-meta"
-    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+    if all((out / f).exists() for f in ("config.json", "tokenizer.json", META_FILE)):
         return out
     from transformers import AutoConfig, AutoTokenizer
 
     gguf = embedded_gguf_path()
     logger.info("reading the embedded model's config and tokenizer from its GGUF (once) into %s", out)
-    return publish_dir(out, [AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name),
-                             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)])
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    meta = {"spec": asdict(spec_from_config(config)), "config": config.to_dict()}
+
+    class Meta:  # written beside the config and tokenizer, in the same rename
+        @staticmethod
+        def save_pretrained(d: Path) -> None:
+            (Path(d) / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    if out.exists():  # a directory from before quantised.json: made anew
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+    return publish_dir(out, [config, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), Meta])
 
 
 def load_quantized(name: str, cache_dir: Path | None = None) -> LoadedModel:
     """The model `name` as a `QuantLlama` (from the GGUF for the embedded model, else quantised from its weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from server.engine.lean_build import quant_llama_from_gguf, quant_llama_from_hf
 
     if is_embedded(name):
-        meta = embedded_meta_dir(cache_dir)
-        config = AutoConfig.from_pretrained(meta)
+        meta_dir = embedded_meta_dir(cache_dir)
+        meta = json.loads((meta_dir / META_FILE).read_text())
+        config = SimpleNamespace(**meta["config"])  # what the lean forward reads, without transformers' classes
+        spec = ModelSpec(**meta["spec"])
         model = quant_llama_from_gguf(embedded_gguf_path(), config)
-        tok_dir = meta
+        tokenizer = _tokenizer(meta_dir, name)
     else:
+        from transformers import AutoModelForCausalLM
+
         path = resolve_model_path(name, cache_dir)
         float_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model = quant_llama_from_hf(float_model)
         del float_model
-        config, tok_dir = model.config, path
+        spec = spec_from_config(model.config)
+        tokenizer = _tokenizer(path, name)
+    give_back_memory()  # what building the weights left on the heap
+    logger.info("%s runs quantised: %.0f MB of weights (Q4_1 matrices, Q8_0 embedding)", name, model.nbytes / 2**20)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, name=name, device=torch.device("cpu"),
+                       dtype=torch.float32, quantization="q4")
+
+
+def _tokenizer(path: str | Path, name: str):
+    """The model's fast tokenizer (PreTrainedTokenizerFast: no model class of transformers is imported), or None."""
+    from transformers import PreTrainedTokenizerFast
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        return PreTrainedTokenizerFast.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         logger.warning("no tokenizer for %s (%s): the model serves token ids only", name, e)
-        tokenizer = None
-    logger.info("%s runs quantised: %.0f MB of weights (Q4_1 matrices, Q8_0 embedding)", name, model.nbytes / 2**20)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec_from_config(config), name=name,
-                       device=torch.device("cpu"), dtype=torch.float32, quantization="q4")
+        return None
 
 
 class QuantRunner(CausalRunner):
