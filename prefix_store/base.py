@@ -9,8 +9,10 @@ from prefix_store.artifact import Manifest
 
 TENANT_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"  # a tenant's name (server/tenants)
 NAMESPACE_SEP = "~"  # the stored name TENANT~TASK is TENANT's private task (docs/tenants.md); TASK alone is shared
-_TASK_NAME = re.compile(rf"^(?:{TENANT_NAME}{NAMESPACE_SEP})?[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}$")
-_VERSION = re.compile(r"^[0-9a-f]{7,64}$")
+TASK_NAME = rf"(?:{TENANT_NAME}{NAMESPACE_SEP})?[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"  # checked whole (fullmatch)
+VERSION = r"[0-9a-f]{7,64}"  # a version reference: the sha256 or a unique prefix of it
+_TASK_NAME = re.compile(TASK_NAME)
+_VERSION = re.compile(VERSION)
 DEFAULT_KEEP_VERSIONS = 5
 
 
@@ -75,7 +77,7 @@ ANY_VERSION = "*"  # expected_version that only requires the name to exist (If-M
 def validate_task_name(name: str) -> str:
     """Return `name` if it is 1-128 of letters, digits, '-', '_', '.' (not starting with '.' or '-'), optionally
     after `TENANT~` (a tenant's namespace); else raise."""
-    if not isinstance(name, str) or not _TASK_NAME.match(name):
+    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
         shown = name if isinstance(name, str) and len(name) <= 140 else f"{str(name)[:140]}..."
         raise InvalidTaskName(f"invalid task name {shown!r}: use 1-128 letters, digits, '-', '_' or '.', "
                               "starting with a letter, digit or '_'")
@@ -84,7 +86,7 @@ def validate_task_name(name: str) -> str:
 
 def validate_version(version: str) -> str:
     """Return a version reference (7-64 lowercase hex digits of a sha256) or raise InvalidTaskName."""
-    if not isinstance(version, str) or not _VERSION.match(version):
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
         raise InvalidTaskName(f"invalid version {str(version)[:80]!r}: use 7-64 hex digits of the sha256")
     return version
 

@@ -10,17 +10,20 @@ from pydantic import BaseModel, Field
 
 from server.api.auth import AdminDep, AdminRoute
 from server.api.deps import StateDep
-from server.api.errors import APIError, validation
+from server.api.errors import APIError, error_responses, validation
+from server.api.schemas import TENANT_SCHEMA
 from server.tenants.audit import audit
+from server.tenants.limits import overrides_schema
 
-router = APIRouter(prefix="/admin", tags=["admin"], route_class=AdminRoute)
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=AdminRoute, responses=error_responses())
 KeyIdParam = Annotated[str, Path(description="The key's id (the 12 hex digits after psk_)", max_length=64)]
 
 
 class KeyCreate(BaseModel):
     """Body of POST /admin/keys."""
 
-    tenant: str = Field(description="The key's tenant (created if new): 1-63 of a-z, 0-9, '_', '-'")
+    tenant: str = Field(description="The key's tenant (created if new): 1-63 of a-z, 0-9, '_', '-'",
+                        json_schema_extra=TENANT_SCHEMA)
     admin: bool = Field(False, description="Make the tenant an admin")
     label: str = Field("", max_length=200, description="What the key is for (shown in listings)")
 
@@ -30,7 +33,8 @@ class TenantUpdate(BaseModel):
 
     admin: bool | None = Field(None, description="Set or clear the admin flag (absent: unchanged)")
     limits: dict[str, float | None] = Field(default_factory=dict, description="Limit overrides (docs/tenants.md); "
-                                                                              "null removes one, 0 = unlimited")
+                                                                              "null removes one, 0 = unlimited",
+                                            json_schema_extra=overrides_schema())
 
 
 def client_address(request: Request) -> str | None:
@@ -76,8 +80,8 @@ async def list_tenants(state: StateDep, _: AdminDep) -> dict[str, Any]:
 
 
 @router.patch("/tenants/{name}")
-async def update_tenant(name: Annotated[str, Path(max_length=64)], body: TenantUpdate, request: Request,
-                        state: StateDep, caller: AdminDep) -> JSONResponse:
+async def update_tenant(name: Annotated[str, Path(max_length=64, json_schema_extra=TENANT_SCHEMA)], body: TenantUpdate,
+                        request: Request, state: StateDep, caller: AdminDep) -> JSONResponse:
     """Set a tenant's admin flag and limit overrides (creates the tenant if new)."""
     try:
         record = await state.tenants.update_tenant(name, admin=body.admin, limits=body.limits)

@@ -8,7 +8,9 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from prefix_store.artifact import ArtifactError, ArtifactTooLarge
 from prefix_store.base import InvalidTaskName, PrefixNotFound, StoreError, StoreUnavailable, VersionConflict
@@ -65,6 +67,51 @@ def error_payload(path: str, status: int, message: str, error_type: str) -> dict
     return openai_error_body(status, message, error_type) if is_openai_path(path) else error_body(message, error_type)
 
 
+class ErrorBody(BaseModel):
+    """TGI's error body (every route but /v1/*)."""
+
+    error: str
+    error_type: str
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error body (the /v1/* routes)."""
+
+    error: OpenAIError
+
+
+_STATUSES = {
+    400: "Malformed request: a body that is not JSON, a bad Content-Length or multipart body",
+    401: "Missing or invalid API key (auth on)",
+    403: "Not allowed: an admin route without an admin key, or past a tenant's quota",
+    404: "No such task, version or key (another tenant's private task is 404 too)",
+    408: "The body did not arrive within the client timeout",
+    412: "If-Match: the task is not at that version",
+    413: "Body larger than the limit (--max-body-bytes, --max-upload-bytes)",
+    415: "An upload that is not multipart/form-data",
+    422: "Invalid field: the message names it",
+    429: "Past the tenant's requests_per_second or concurrent_requests (Retry-After)",
+    503: "Overloaded (queue full), not ready, or the prefix store unreachable (Retry-After)",
+    504: "No response (or generation not finished) within the request timeout (--request-timeout-s)",
+}
+COMMON_ERRORS = (400, 401, 403, 404, 408, 413, 422, 429, 503, 504)  # limits, auth, quotas, store: every API route
+
+
+def error_responses(*statuses: int, openai: bool = False) -> dict[int | str, dict]:
+    """OpenAPI `responses=` for the error statuses a route answers (default COMMON_ERRORS), in its error shape."""
+    model = OpenAIErrorBody if openai else ErrorBody
+    return {status: {"model": model, "description": _STATUSES[status]} for status in statuses or COMMON_ERRORS}
+
+
 def to_api_error(exc: Exception) -> APIError:
     """Map a known exception to its APIError; unknown ones become a 500 (a server fault, never client input)."""
     if isinstance(exc, APIError):
@@ -114,6 +161,15 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the app has for the request's path (its `Allow` header when the method is not)."""
+    return ", ".join(m for m in HTTP_METHODS if any(route.matches({**request.scope, "method": m})[0] == Match.FULL
+                                                    for route in request.app.router.routes))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register handlers so every error leaves in its routes' JSON shape (OpenAI's or TGI's) with the right status."""
 
@@ -122,8 +178,11 @@ def install_error_handlers(app: FastAPI) -> None:
                             status_code=422)
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette's Allow names the first route of the path only (PUT /prefixes/NAME)
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
         return JSONResponse(error_payload(request.url.path, exc.status_code, str(exc.detail), "http"),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                            status_code=exc.status_code, headers=headers)
 
     async def on_known(request: Request, exc: Exception) -> JSONResponse:
         response = error_response(exc, request.url.path)

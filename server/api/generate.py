@@ -10,17 +10,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
-from server.api.errors import error_body, to_api_error, validation
+from server.api.errors import error_body, error_responses, to_api_error, validation
 from server.api.logprobs import tgi_top_tokens
 from server.api.schemas import (Details, GenerateRequest, GenerateResponse, InputToken, Parameters, StreamDetails,
-                                StreamResponse, Token, tgi_params)
+                                SSE, STREAMED, StreamResponse, TASK_REF_SCHEMA, Token, tgi_params)
 from server.api.service import Generation, Started, StartedDep, run_or_cancel, start
 from server.tenants.namespaces import Caller
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["generate (TGI / LoRAX)"], route_class=AuthenticatedRoute)
+router = APIRouter(tags=["generate (TGI / LoRAX)"], route_class=AuthenticatedRoute,
+                   responses=error_responses())
 
-TaskQuery = Annotated[str | None, Query(description="Task (prefix) name; none = the bare base model")]
+TaskQuery = Annotated[str | None, Query(description="Task (prefix) name, or NAME@VERSION; none = the bare base model",
+                                        json_schema_extra=TASK_REF_SCHEMA)]
 VERSION_HEADER = "X-Prefix-Version"
 
 
@@ -115,7 +117,8 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep, cal
     return await _generate_json(state, caller, started, body, request, task, "generate", as_list=False)
 
 
-@router.post("/generate_stream", response_class=StreamingResponse)
+@router.post("/generate_stream", response_class=StreamingResponse,
+             responses={200: {"content": SSE, "description": "Server-sent events, one per token"}})
 async def generate_stream(body: GenerateRequest, state: StateDep, caller: CallerDep, started: StartedDep,
                           task: TaskQuery = None) -> StreamingResponse:
     """Generate text as server-sent events, one per token; the last carries generated_text and details."""
@@ -123,7 +126,7 @@ async def generate_stream(body: GenerateRequest, state: StateDep, caller: Caller
     return stream_response(_tgi_events(gen, body), gen.version)
 
 
-@router.post("/")
+@router.post("/", responses=STREAMED)
 async def compat(body: GenerateRequest, request: Request, state: StateDep, caller: CallerDep,
                  started: StartedDep, task: TaskQuery = None):
     """TGI's compatibility route used by the text-generation and lorax-client packages (JSON list or SSE)."""

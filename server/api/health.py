@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.auth import metrics_reader
 from server.api.deps import StateDep
+from server.api.errors import ErrorBody, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +18,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"model": ErrorBody, "description": "Not ready: loading, draining or failed"}})
 async def ready(request: Request) -> JSONResponse:
     """200 once the model is loaded and the engine runs (status `degraded` while the store is unreachable:
     cached tasks still serve, so the replica stays in rotation); 503 before start-up ends, during shutdown, and
@@ -37,7 +38,9 @@ async def ready(request: Request) -> JSONResponse:
                                     "host_prefixes": len(t.tiers.host)}})
 
 
-@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_reader)])
+@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_reader)],
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}, **error_responses(401)},
+            openapi_extra={"security": [{}]})  # FastAPI appends it: a key is optional until --metrics-key is set
 async def metrics(state: StateDep) -> Response:
     """Prometheus text format: requests, tokens, queue depth, batch size, latencies, prefix cache (with
     --metrics-key: needs that key or an admin API key as 'Authorization: Bearer KEY')."""

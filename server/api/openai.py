@@ -5,23 +5,26 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import Field
+from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
-from server.api.errors import openai_error_body, to_api_error, validation
+from server.api.errors import APIError, error_responses, openai_error_body, to_api_error, validation
 from server.api.generate import stream_response
-from server.api.logprobs import chat_logprobs, chat_top, completion_logprobs, completion_top
-from server.api.schemas import Lenient, check_stops, sampling_params
+from server.api.logprobs import MAX_COMPLETION_LOGPROBS, chat_logprobs, chat_top, completion_logprobs, completion_top
+from server.api.schemas import (MAX_STOP_SEQUENCES, NON_EMPTY, SEED, STREAMED, TOP_P, Lenient, check_stops,
+                                sampling_params)
+from prefix_store.base import InvalidTaskName, split_task_ref
 from server.api.service import Generation, StartedDep, TokenOut, run_or_cancel, start_many, visible_tasks
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from server.tenants.namespaces import split_stored
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=AuthenticatedRoute)
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=AuthenticatedRoute,
+                   responses=error_responses(openai=True))
 FINGERPRINT = "prefixserve-0.1.0"
 _FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 MAX_CHOICES = 64
@@ -36,33 +39,57 @@ class StreamOptions(Lenient):
 class _Common(Lenient):
     """Fields shared by completions and chat completions."""
 
-    model: str = Field(description="Task name, or the base model's id (GET /v1/models lists both) for no task")
-    max_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default, 20)")
-    temperature: float | None = Field(None, description="Default 1 (sampling); 0 means greedy")
-    top_p: float | None = None
-    n: int | None = Field(None, description="Choices per prompt")
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: str = Field(description="Task name, or the base model's id (GET /v1/models lists both) for no task",
+                       json_schema_extra={"minLength": 1})
+    max_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default, 20)",
+                                   json_schema_extra={"minimum": 1})
+    temperature: float | None = Field(None, description="Default 1 (sampling); 0 means greedy",
+                                      json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(None, json_schema_extra=TOP_P)
+    n: int | None = Field(None, description="Choices per prompt", json_schema_extra={"minimum": 1,
+                                                                                     "maximum": MAX_CHOICES})
+    stop: str | list[str] | None = Field(None, json_schema_extra={"anyOf": [
+        NON_EMPTY, {"type": "array", "items": NON_EMPTY, "maxItems": MAX_STOP_SEQUENCES}, {"type": "null"}]})
+    seed: int | None = Field(None, json_schema_extra=SEED)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = Field(None, description="Keep generating after the EOS token (vLLM's extension)")
     # accepted with neutral values only
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, json_schema_extra={"enum": [0, None]})
+    frequency_penalty: float | None = Field(None, json_schema_extra={"enum": [0, None]})
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
     logprobs: Any = Field(None, description="completions: alternatives per token (0-5); chat: true/false")
-    top_logprobs: int | None = Field(None, description="chat: alternatives per token (0-20), with logprobs: true")
-    best_of: int | None = None
-    tools: Any = None
-    response_format: Any = None
+    top_logprobs: int | None = Field(None, description="chat: alternatives per token (0-20), with logprobs: true",
+                                     json_schema_extra={"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
+    best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
+    tools: Any = Field(None, json_schema_extra={"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0},
+                                                          {"type": "object", "maxProperties": 0}]})
+    response_format: Any = Field(None, json_schema_extra={"anyOf": [{"type": "null"}, {
+        "type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+        "additionalProperties": False}]})
+
+
+def _whole_float(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+TokenId = Annotated[StrictInt, BeforeValidator(_whole_float)]  # 7 or 7.0 (JSON Schema's integers); not "7" or true
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}  # below the vocabulary size
+PROMPT_SCHEMA = [{"type": "string", "minLength": 1},
+                 {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                 _IDS, {"type": "array", "items": _IDS, "minItems": 1}]
 
 
 class CompletionRequest(_Common):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="Prompt(s): text or token ids")
+    # strict: an array of mixed or other types (["a", 1], [1.5], [true], ["1"] as ids) is a 422, as the schema says
+    prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]] = Field(
+        ..., description="Prompt(s): text or token ids", json_schema_extra={"anyOf": PROMPT_SCHEMA})
     echo: bool | None = Field(None, description="Prepend the prompt to the text")
-    suffix: str | None = None
+    suffix: str | None = Field(None, json_schema_extra={"enum": ["", None]})
+    logprobs: Any = Field(None, description="Alternatives per token (0-5)", json_schema_extra={"anyOf": [
+        {"type": "integer", "minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS}, {"enum": [False, None]}]})
 
 
 class ChatMessage(Lenient):
@@ -75,8 +102,14 @@ class ChatMessage(Lenient):
 class ChatRequest(_Common):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    model_config = ConfigDict(json_schema_extra={  # top_logprobs > 0 needs logprobs: true
+        "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
+    max_completion_tokens: int | None = Field(None, description="Tokens to generate (0 or null: max_tokens)",
+                                              json_schema_extra={"minimum": 0})
+    logprobs: Any = Field(None, description="Return log-probabilities", json_schema_extra={"enum": [True, False, None]})
 
 
 def _check_neutral(r: _Common) -> None:
@@ -95,7 +128,14 @@ def _task(state: AppState, model: str) -> str | None:
     if not model:
         raise validation(f"model: must not be empty: give a task name, or {state.model_id!r} (the base model) for "
                          "no task; GET /v1/models lists both")
-    return None if model in (state.model_id, state.loaded.name) else model
+    if model in (state.model_id, state.loaded.name):
+        return None
+    try:
+        split_task_ref(model)
+    except InvalidTaskName:  # as OpenAI answers a model it does not have (a 422 elsewhere: not a task name)
+        raise APIError(404, f"model: no model or task named {model[:140]!r}; GET /v1/models lists them",
+                       "not_found") from None
+    return model
 
 
 def _params(state: AppState, r: _Common, max_tokens: int | None,
@@ -186,7 +226,7 @@ async def _openai_stream(gens: list[Generation], head: dict[str, Any], choice, u
     yield b"data: [DONE]\n\n"
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request, state: StateDep, caller: CallerDep,
                       started: StartedDep):
     """OpenAI completions: `model` is the task; `prompt` a string or a list; n, stop, seed, stream."""
@@ -233,7 +273,7 @@ async def _chat_prompt(state: AppState, messages: list[ChatMessage]) -> list[int
     return await state.tokenizing.encode_chat(convo)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatRequest, request: Request, state: StateDep, caller: CallerDep,
                            started: StartedDep):
     """OpenAI chat completions for models with a chat template; `model` is the task."""

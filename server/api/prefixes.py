@@ -35,27 +35,34 @@ from prefix_store.base import (ANY_VERSION, NAMESPACE_SEP, InvalidTaskName, Pref
 from server.api.admin import client_address
 from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
-from server.api.errors import APIError
+from server.api.errors import COMMON_ERRORS, APIError, error_responses
 from server.api.generate import version_headers
 from server.api.limits import MULTIPART_SLACK
+from server.api.schemas import TASK_NAME_SCHEMA, TASK_REF_SCHEMA, VERSION_SCHEMA
 from server.api.service import visible_tasks
 from server.tenants.audit import audit
 from server.tenants.namespaces import Caller, candidates, first_found, split_ref, split_stored
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=AuthenticatedRoute)
+router = APIRouter(prefix="/prefixes", tags=["prefixes"], route_class=AuthenticatedRoute,
+                   responses=error_responses(*COMMON_ERRORS, 412))
 
 MAX_PARTS = 8
-NameParam = Annotated[str, Path(description="Task name: 1-128 of letters, digits, '-', '_', '.'")]
-RefParam = Annotated[str, Path(alias="name", description="Task name, or NAME@VERSION for one stored version")]
+NameParam = Annotated[str, Path(description="Task name: 1-128 of letters, digits, '-', '_', '.'",
+                                json_schema_extra=TASK_NAME_SCHEMA)]
+RefParam = Annotated[str, Path(alias="name", description="Task name, or NAME@VERSION for one stored version",
+                               json_schema_extra=TASK_REF_SCHEMA)]
 IfMatch = Annotated[str | None, Header(alias="If-Match", description='"VERSION" (sha256) or *: write only if '
-                                                                     "the task is at that version (else 412)")]
+                                                                     "the task is at that version (else 412)",
+                                        json_schema_extra={"anyOf": [{"type": "string",  # when sent, never null
+                                            "pattern": r'^(?:\*|(?:W/)?"[0-9a-f]{64}"|[0-9a-f]{64})$'}]})]
 
 
 class RollbackBody(BaseModel):
     """Body of POST /prefixes/NAME/rollback."""
 
-    version: str = Field(description="A kept version of the task: full sha256 or a unique prefix (>= 7 digits)")
+    version: str = Field(description="A kept version of the task: full sha256 or a unique prefix (>= 7 digits)",
+                         json_schema_extra=VERSION_SCHEMA)
 
 
 def expected_version(if_match: str | None) -> str | None:
@@ -163,11 +170,19 @@ async def _namespace_changed(state: AppState, stored: str) -> None:
         logger.warning("stored %s but could not bump the version of namespace %s: %s", stored, ns, e)
 
 
-@router.put("/{name}")
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {  # read by read_upload
+    "type": "object", "required": ["files"],
+    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                             "maxItems": MAX_PARTS, "description": "The adapter's or the native format's files"},
+                   "description": {"type": "string", "description": "What the task is for"}}}}}}}
+
+
+@router.put("/{name}", openapi_extra=UPLOAD_BODY, responses=error_responses(415))
 async def put_prefix(name: NameParam, request: Request, state: StateDep, caller: CallerDep, if_match: IfMatch = None,
                      description: Annotated[str | None, Query(description="Replaces the description")] = None,
                      version: Annotated[str | None, Query(description="Move the task to this kept version "
-                                                                      "instead of uploading (a rollback)")] = None
+                                                                      "instead of uploading (a rollback)",
+                                                          json_schema_extra=VERSION_SCHEMA)] = None
                      ) -> JSONResponse:
     """Upload (or atomically replace) a task: a PEFT prefix/prompt-tuning or LoRA adapter, or the native format."""
     stored = _own(caller, name)
@@ -259,7 +274,9 @@ def _zip(files: dict[str, bytes]) -> bytes:
 @router.get("/{name}/download", response_class=Response)
 async def download_prefix(ref: RefParam, state: StateDep, caller: CallerDep,
                           file: Annotated[str | None, Query(description=f"{MANIFEST_FILE} or {TENSORS_FILE}; "
-                                                            "default: a zip of both")] = None) -> Response:
+                                                            "default: a zip of both",
+                                                            json_schema_extra={"enum": [MANIFEST_FILE, TENSORS_FILE]})
+                                          ] = None) -> Response:
     """The native artifact (manifest.json + prefix.safetensors), re-uploadable with PUT."""
     if file is not None and file not in (MANIFEST_FILE, TENSORS_FILE):
         raise APIError(422, f"file: must be {MANIFEST_FILE} or {TENSORS_FILE}", "validation")

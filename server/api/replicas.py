@@ -15,10 +15,11 @@ from prefix_store.base import StoreError
 from prefix_store.replicas import ReplicaRecord, Replicas
 from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
+from server.api.errors import error_responses
 from server.api.service import visible_tasks
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["replicas"], route_class=AuthenticatedRoute)
+router = APIRouter(tags=["replicas"], route_class=AuthenticatedRoute, responses=error_responses())
 HEARTBEAT_S = 5.0
 
 

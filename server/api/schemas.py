@@ -7,10 +7,32 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefix_store.base import TASK_NAME, TENANT_NAME, VERSION
 from server.api.errors import validation
-from server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from server.engine.sampling import MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE, SamplingParams
 
 MAX_STOP_SEQUENCES = 16
+
+
+def whole(pattern: str) -> str:
+    """`pattern` (as the server checks it, with fullmatch) as an OpenAPI pattern, which matches anywhere."""
+    return f"^(?:{pattern})$"
+
+
+# What the names in paths, queries and bodies must look like, in the OpenAPI schema (json_schema_extra: the
+# server's own checks, prefix_store/base.py and server/tenants/namespaces.py, give the 422 naming the field)
+TASK_NAME_SCHEMA = {"pattern": whole(TASK_NAME)}
+TASK_REF_SCHEMA = {"pattern": whole(f"{TASK_NAME}(?:@{VERSION})?")}  # NAME or NAME@VERSION
+VERSION_SCHEMA = {"pattern": whole(VERSION)}
+TENANT_SCHEMA = {"pattern": whole(TENANT_NAME), "not": {"const": "shared"}}  # 'shared': server/tenants/namespaces.py
+SSE = {"text/event-stream": {"schema": {  # each event: `data: JSON` (docs/api.md), the OpenAI streams end with [DONE]
+    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}
+# the ranges SamplingParams.validate and the routes check (a value outside is a 422 naming the field)
+TOP_P = {"exclusiveMinimum": 0, "maximum": 1}
+REPETITION_PENALTY = {"minimum": REPETITION_PENALTY_RANGE[0], "maximum": REPETITION_PENALTY_RANGE[1]}
+SEED = {"minimum": 0, "maximum": 2**63 - 1}
+NON_EMPTY = {"type": "string", "minLength": 1}
+STREAMED = {200: {"content": SSE, "description": "JSON, or server-sent events when the body asks to stream"}}
 
 
 class Lenient(BaseModel):
@@ -22,36 +44,41 @@ class Lenient(BaseModel):
 class Parameters(Lenient):
     """TGI's `parameters` (plus LoRAX's adapter_id, ignore_eos_token)."""
 
-    max_new_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default)")
+    max_new_tokens: int | None = Field(None, description="Tokens to generate (default: --max-new-tokens-default)",
+                                       json_schema_extra={"minimum": 1})
     do_sample: bool | None = Field(None, description="Sample instead of greedy (implied by temperature/top_k/top_p)")
-    temperature: float | None = Field(None, description="Softmax temperature; 0 means greedy")
-    top_k: int | None = Field(None, description="Keep the k most likely tokens")
-    top_p: float | None = Field(None, description="Nucleus sampling mass")
-    repetition_penalty: float | None = Field(None, description="HF repetition penalty (1 = off)")
-    seed: int | None = Field(None, description="Seed of the row's own generator")
-    stop: list[str] | None = Field(None, description="Stop strings (removed from the text)")
+    temperature: float | None = Field(None, description="Softmax temperature; 0 means greedy",
+                                      json_schema_extra={"minimum": 0})
+    top_k: int | None = Field(None, description="Keep the k most likely tokens", json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(None, description="Nucleus sampling mass", json_schema_extra=TOP_P)
+    repetition_penalty: float | None = Field(None, description="HF repetition penalty (1 = off)",
+                                             json_schema_extra=REPETITION_PENALTY)
+    seed: int | None = Field(None, description="Seed of the row's own generator", json_schema_extra=SEED)
+    stop: list[str] | None = Field(None, description="Stop strings (removed from the text)",
+                                   json_schema_extra={"maxItems": MAX_STOP_SEQUENCES, "items": NON_EMPTY})
     details: bool | None = Field(None, description="Return finish reason, tokens and logprobs")
     decoder_input_details: bool | None = Field(None, description="Also return the prompt tokens (no logprobs)")
     return_full_text: bool | None = Field(None, description="Prepend the inputs to generated_text")
-    truncate: int | None = Field(None, description="Keep only the last N input tokens")
+    truncate: int | None = Field(None, description="Keep only the last N input tokens",
+                                 json_schema_extra={"minimum": 1})
     adapter_id: str | None = Field(None, description="The task (LoRAX's name for it); same as ?task=")
     ignore_eos_token: bool | None = Field(None, description="Keep generating after the EOS token")
     # Accepted so clients can send them; only their neutral values are allowed.
-    best_of: int | None = None
-    typical_p: float | None = None
-    watermark: bool | None = None
-    top_n_tokens: int | None = None
-    return_k_alternatives: int | None = None
-    frequency_penalty: float | None = None
-    grammar: Any = None
-    response_format: Any = None
-    merged_adapters: Any = None
+    best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
+    typical_p: float | None = Field(None, json_schema_extra={"minimum": 1})
+    watermark: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
+    top_n_tokens: int | None = Field(None, json_schema_extra={"minimum": 0, "maximum": MAX_TOP_LOGPROBS})
+    return_k_alternatives: int | None = Field(None, json_schema_extra={"enum": [0, None]})
+    frequency_penalty: float | None = Field(None, json_schema_extra={"enum": [0, None]})
+    grammar: Any = Field(None, json_schema_extra={"type": "null"})
+    response_format: Any = Field(None, json_schema_extra={"type": "null"})
+    merged_adapters: Any = Field(None, json_schema_extra={"type": "null"})
 
 
 class GenerateRequest(Lenient):
     """TGI's body: `{"inputs": "...", "parameters": {...}}` (and `stream` on the compat route)."""
 
-    inputs: str = Field(..., description="The prompt")
+    inputs: str = Field(..., description="The prompt", json_schema_extra={"minLength": 1})
     parameters: Parameters | None = None
     stream: bool | None = Field(None, description="Compat route only: answer with server-sent events")
 

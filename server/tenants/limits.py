@@ -44,6 +44,16 @@ TENANT_ONLY = ("weight",)  # no `quota_<name>` setting: set per tenant only
 POSITIVE = ("weight",)  # must be > 0 (0 does not mean unlimited)
 
 
+def overrides_schema() -> dict[str, Any]:
+    """What check_overrides accepts, as JSON Schema (the OpenAPI schema of PATCH /admin/tenants/NAME's `limits`)."""
+    types = {f.name: f.type for f in fields(Limits)}
+
+    def one(name: str) -> dict[str, Any]:
+        bound = "exclusiveMinimum" if name in POSITIVE else "minimum"
+        return {"anyOf": [{"type": "integer" if types[name] == "int" else "number", bound: 0}, {"type": "null"}]}
+    return {"properties": {name: one(name) for name in LIMIT_NAMES}, "additionalProperties": False}
+
+
 def check_overrides(overrides: dict[str, Any]) -> dict[str, float | int]:
     """Validate {limit name: value >= 0 (> 0 for POSITIVE ones)}; raise ValueError naming the first bad entry."""
     out: dict[str, float | int] = {}

@@ -24,12 +24,12 @@ T = TypeVar("T")
 
 SHARED = "shared"  # the namespace word for shared tasks in `NS~TASK` (not a valid tenant name)
 ANONYMOUS_LABEL = ":anonymous"  # the tenant label of the anonymous caller (':' cannot appear in a tenant name)
-_TENANT = re.compile(rf"^{TENANT_NAME}$")
+_TENANT = re.compile(TENANT_NAME)
 
 
 def validate_tenant_name(name: str) -> str:
     """Return `name` if it is a valid tenant name (1-63 of a-z, 0-9, '_', '-'; not 'shared'); else ValueError."""
-    if not isinstance(name, str) or not _TENANT.match(name) or name == SHARED:
+    if not isinstance(name, str) or not _TENANT.fullmatch(name) or name == SHARED:
         raise ValueError(f"invalid tenant name {str(name)[:80]!r}: use 1-63 of a-z, 0-9, '_', '-', starting with a "
                          f"letter or digit (not {SHARED!r})")
     return name

@@ -84,6 +84,15 @@ def test_errors_carry_the_servers_message(oai, http):
     assert e.value.param == "model" and "must not be empty" in e.value.message
     r = http.post("/v1/completions", json={"prompt": "x"})  # no model at all: a 422 naming it
     assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
+    for model in ("no such/model", "é", "oa@xyz"):  # not a task name: a model it does not have, as OpenAI says
+        r = http.post("/v1/completions", json={"model": model, "prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+        assert r.json()["error"]["message"].startswith(f"model: no model or task named {model!r}"), r.text
+    for prompt in (["a", 1], [1.5], [True], ["1", 2], [[1], ["a"]], [[1, None]]):  # as the schema says
+        r = http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": prompt, "max_tokens": 1})
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith("prompt"), (prompt, r.text)
+    r = http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": [15496.0, 11], "max_tokens": 1})
+    assert r.status_code == 200, r.text  # 15496.0 is an integer to JSON Schema: accepted as 15496
     r = http.post("/v1/nothing-here", json={})  # unknown routes under /v1 answer in OpenAI's shape too
     assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
     r = http.post("/generate?task=missing", json={"inputs": "x"})  # TGI's shape stays on TGI's routes

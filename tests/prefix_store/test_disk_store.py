@@ -48,7 +48,7 @@ def test_put_get_list_delete(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../etc", "a/b", "a\\b", "x" * 129, "-x", ".hidden", "a b",
-                                  "ta\x00sk", "é"])
+                                  "ta\x00sk", "é", "e2e\n", "e2e@\n"])
 def test_invalid_names_refused(tmp_path, name):
     with pytest.raises(InvalidTaskName):
         validate_task_name(name)

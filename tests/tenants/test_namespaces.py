@@ -64,7 +64,7 @@ def test_public_names():
 
 def test_names_and_limits_are_checked():
     assert validate_task_name("alice~e2e") and validate_tenant_name("team-1_a")
-    for bad in ("Alice", "shared", "", "-x", "a" * 64, "a~b"):
+    for bad in ("Alice", "shared", "", "-x", "a" * 64, "a~b", "ops\n"):  # whole names: no trailing newline
         with pytest.raises(ValueError):
             validate_tenant_name(bad)
     with pytest.raises(InvalidTaskName):
