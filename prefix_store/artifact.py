@@ -35,6 +35,11 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 _MAX_HEADER_BYTES = 1024 * 1024
 _DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    """A tensor's dtype as manifests write it (float32, float16, bfloat16)."""
+    return _DTYPE_NAMES.get(t.dtype, str(t.dtype))
 POSITIONS = ("after_prefix", "from_zero")
 
 
@@ -151,7 +156,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        h.update(f"{name}|{_DTYPE_NAMES.get(t.dtype, str(t.dtype))}|{list(t.shape)}|".encode())
+        h.update(f"{name}|{dtype_name(t)}|{list(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
@@ -217,7 +222,7 @@ def build_artifact(kv: torch.Tensor | None, fingerprint: dict[str, Any], *, enco
     lengths = {TENSOR_KINDS[name].length: int(t.shape[3]) for name, t in tensors.items()}
     first = next(iter(tensors.values()))
     m = Manifest(base_model=dict(fingerprint), prefix_length=lengths.pop("prefix_length", 0),
-                 dtype=_DTYPE_NAMES.get(first.dtype, str(first.dtype)), sha256=tensors_sha256(tensors),
+                 dtype=dtype_name(first), sha256=tensors_sha256(tensors),
                  description=description, source=source, input_format=input_format, positions=positions,
                  nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), extra=dict(extra or {}),
                  **lengths)
@@ -311,7 +316,7 @@ def _validate_tensor(artifact: PrefixArtifact, name: str, kind: TensorKind, fing
         raise ArtifactError(f"tensors.{name}.shape", want_shape, list(t.shape))
     if length < 1:
         raise ArtifactError(kind.length, ">= 1", length)
-    dtype = _DTYPE_NAMES.get(t.dtype, str(t.dtype))
+    dtype = dtype_name(t)
     if dtype != m.dtype:
         raise ArtifactError("dtype", m.dtype, dtype)
     if not torch.isfinite(t).all():

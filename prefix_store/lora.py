@@ -25,8 +25,8 @@ import regex
 import torch
 from safetensors.torch import save as st_save
 
-from prefix_store.artifact import (_DTYPE_NAMES, DEFAULT_MAX_BYTES, LORA_KIND, ArtifactError, Manifest,
-                                   PrefixArtifact, read_safetensors, tensors_sha256)
+from prefix_store.artifact import (DEFAULT_MAX_BYTES, LORA_KIND, ArtifactError, Manifest, PrefixArtifact,
+                                   dtype_name, read_safetensors, tensors_sha256)
 
 LORA_FORMAT_VERSION = 3
 ModuleTable = dict[str, "tuple[int, int] | str"]  # module path -> (in, out) of a linear layer, else its class name
@@ -180,7 +180,7 @@ def build_lora_artifact(tensors: dict[str, torch.Tensor], lora: dict[str, Any], 
     if not tensors:
         raise ArtifactError("tensors", "LoRA weights", "none")
     first = next(iter(tensors.values()))
-    m = Manifest(base_model=dict(fingerprint), prefix_length=0, dtype=_DTYPE_NAMES.get(first.dtype, str(first.dtype)),
+    m = Manifest(base_model=dict(fingerprint), prefix_length=0, dtype=dtype_name(first),
                  sha256=tensors_sha256(tensors), format_version=LORA_FORMAT_VERSION, kind=LORA_KIND,
                  description=description, source=source, input_format=input_format,
                  nbytes=sum(t.numel() * t.element_size() for t in tensors.values()), extra=dict(extra or {}),
@@ -249,7 +249,7 @@ def _check_module(artifact: PrefixArtifact, module: str, r: int, dtype: str, tab
     for name, t, w in ((a_name, a, want_a), (b_name, b, want_b)):
         if list(t.shape) != w:
             raise ArtifactError(f"tensors.{name}.shape", f"{w} (r = {r})", list(t.shape))
-        found = _DTYPE_NAMES.get(t.dtype, str(t.dtype))
+        found = dtype_name(t)
         if found != dtype:
             raise ArtifactError(f"tensors.{name}.dtype", dtype, found)
         if not torch.isfinite(t).all():
