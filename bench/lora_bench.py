@@ -148,6 +148,29 @@ def one_round(engine: Engine, jobs: list[Job], loras: list, prefixes: list, peft
     return r
 
 
+def wrapper_overhead(engine: Engine, rows: int = 1, repeats: int = 50) -> dict:
+    """What the LoRA wrappers cost a forward with no LoRA row: every wrapped layer called on a [rows, in] input
+    through the wrapper and straight to the layer it wraps, alternately (so both find the weights equally warm),
+    `repeats` times; the fastest call of each (the one other jobs disturbed least), summed over the layers a
+    forward calls once each."""
+    from basemodel.lora import linear_shape
+
+    wrapped = direct = 0.0
+    layers = [m for m in engine.runner.model.modules() if isinstance(m, LoraLinear)]
+    with torch.inference_mode():
+        for m in layers:
+            x = torch.randn(rows, getattr(m.base, "in_features", None) or linear_shape(m.base)[0])
+            best = {m: float("inf"), m.base: float("inf")}
+            for _ in range(repeats):
+                for f in best:
+                    t0 = time.perf_counter()
+                    f(x)
+                    best[f] = min(best[f], time.perf_counter() - t0)
+            wrapped, direct = wrapped + best[m], direct + best[m.base]
+    return {"rows": rows, "layers": len(layers), "wrapped_s": wrapped, "unwrapped_s": direct,
+            "overhead_s": wrapped - direct, "overhead_share": (wrapped - direct) / direct}
+
+
 def bench_model(name: str, loaded, args, tmp: Path) -> dict:
     """All rounds for one model; the engine is made before PEFT touches the model (PEFT injects its layers)."""
     lora_dirs = make_lora_adapters(loaded, args.tasks, tmp / f"{name}-lora")
@@ -164,14 +187,17 @@ def bench_model(name: str, loaded, args, tmp: Path) -> dict:
     engine.start()
     run(engine, jobs, loras, 4)  # warm-up: grow the cache to 32 rows, touch every code path
     run(engine, jobs, prefixes, 4)
-    peft = load_peft(loaded, lora_dirs)
+    # on the engine's thread, between steps (the engine owns the model)
+    overhead = engine.run_exclusive(lambda: [wrapper_overhead(engine, rows) for rows in (1, 32)]).result()
+    logger.info("%s wrapper overhead: %s", name, json.dumps(overhead))
+    peft = load_peft(loaded, lora_dirs) if args.rounds else None
     rounds = []
     for i in range(args.rounds):
         rounds.append(one_round(engine, jobs, loras, prefixes, peft, lora_dirs, args.new_tokens, args.repeats))
         logger.info("%s round %d: %s", name, i + 1, json.dumps(rounds[-1]["ratios"]))
     engine.stop()
-    median = {k: statistics.median(r["ratios"][k] for r in rounds) for k in rounds[0]["ratios"]}
-    return {"model": loaded.name, "rounds": rounds, "median_ratios": median,
+    median = {k: statistics.median(r["ratios"][k] for r in rounds) for k in rounds[0]["ratios"]} if rounds else {}
+    return {"model": loaded.name, "rounds": rounds, "median_ratios": median, "wrapper_overhead": overhead,
             "lora_adapter_bytes": loras[0].nbytes, "lora_rank": loras[0].rank}
 
 
