@@ -61,7 +61,8 @@ class Parameters(Lenient):
     return_full_text: bool | None = Field(None, description="Prepend the inputs to generated_text")
     truncate: int | None = Field(None, description="Keep only the last N input tokens",
                                  json_schema_extra={"minimum": 1})
-    adapter_id: str | None = Field(None, description="The task (LoRAX's name for it); same as ?task=")
+    adapter_id: str | None = Field(None, description="The task (LoRAX's name for it); same as ?task=",
+                                   json_schema_extra=TASK_REF_SCHEMA)
     ignore_eos_token: bool | None = Field(None, description="Keep generating after the EOS token")
     # Accepted so clients can send them; only their neutral values are allowed.
     best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
