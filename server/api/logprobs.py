@@ -20,6 +20,8 @@ def completion_top(logprobs: Any) -> int | None:
     """/v1/completions' `logprobs` (an integer 0..5, or null): how many alternatives per token; None = none."""
     if logprobs is None or logprobs is False:
         return None
+    if isinstance(logprobs, float) and logprobs.is_integer():  # 4.0 is an integer to JSON (Schema)
+        logprobs = int(logprobs)
     if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
         raise validation(f"logprobs: must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] or null")
     return logprobs

@@ -93,6 +93,10 @@ def test_errors_carry_the_servers_message(oai, http):
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("prompt"), (prompt, r.text)
     r = http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": [15496.0, 11], "max_tokens": 1})
     assert r.status_code == 200, r.text  # 15496.0 is an integer to JSON Schema: accepted as 15496
+    r = http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "max_tokens": 1, "logprobs": 2.0})
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["top_logprobs"][0]) >= 2, r.text
+    r = http.post("/v1/completions", json={"model": "tiny-gpt2", "prompt": "x", "max_tokens": 1, "logprobs": 2.5})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "logprobs", r.text
     r = http.post("/v1/nothing-here", json={})  # unknown routes under /v1 answer in OpenAI's shape too
     assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
     r = http.post("/generate?task=missing", json={"inputs": "x"})  # TGI's shape stays on TGI's routes
