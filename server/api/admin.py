@@ -32,9 +32,9 @@ class TenantUpdate(BaseModel):
     """Body of PATCH /admin/tenants/NAME."""
 
     admin: bool | None = Field(None, description="Set or clear the admin flag (absent: unchanged)")
-    limits: dict[str, float | None] = Field(default_factory=dict, description="Limit overrides (docs/tenants.md); "
-                                                                              "null removes one, 0 = unlimited",
-                                            json_schema_extra=overrides_schema())
+    # checked by check_overrides, not coerced first (pydantic's float made `true` 1.0, so it was taken as 1)
+    limits: dict[str, Any] = Field(default_factory=dict, description="Limit overrides (docs/tenants.md); null removes "
+                                   "one, 0 = unlimited", json_schema_extra=overrides_schema())
 
 
 def client_address(request: Request) -> str | None:

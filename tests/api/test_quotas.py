@@ -275,6 +275,8 @@ def test_override_takes_effect_at_once(cluster):
     a, b = cluster.tenant()
     with a, b, cluster.b.client(headers={"Authorization": f"Bearer {cluster.admin}"}) as ops:
         assert [a.get("/prefixes").status_code for _ in range(3)] == [200] * 3
+        r = ops.patch(f"/admin/tenants/{a.tenant}", json={"limits": {"prefixes": True}})  # not 1, as the schema says
+        assert r.status_code == 422 and "limits.prefixes" in r.json()["error"], r.text
         r = ops.patch(f"/admin/tenants/{a.tenant}", json={"limits": {"requests_per_second": 0.1}})
         assert r.status_code == 200 and r.json()["overrides"] == {"requests_per_second": 0.1}
         assert [(a, b)[i].get("/prefixes").status_code for i in range(2)] == [200, 429]
