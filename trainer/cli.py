@@ -75,6 +75,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-inputs", type=int, default=0, help="score a seeded random subset of distinct inputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantization", choices=("none", "q4"), default="none",
+                   help="none: the exact fp32 mode; q4: decode as the server's quantised mode does (the embedded "
+                        "model's 4-bit GGUF weights through the server's kernels; greedy, prefixes or no task)")
     p.add_argument("--swap-values", action="store_true", help="E2E: score the split with each MR's venue type and "
                    "food swapped as training's validation pairs are (references rewritten to match)")
     p.add_argument("--out", help="write predictions.jsonl and metrics.json here")
@@ -146,7 +149,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.data import load_data
     from trainer.evaluate import DEFAULT_INSTRUCTION, evaluate, load_prefix
 
-    loaded = load_model(args.finetuned or args.model, device=args.device, dtype="float32")
+    if args.quantization == "q4":
+        if args.lora or args.finetuned or args.beams != 1:
+            raise SystemExit("--quantization q4 decodes greedily (--beams 1) with a prefix or no task: it takes "
+                             "neither --lora nor --finetuned")
+        from server.engine.quant_runner import load_quantized
+
+        loaded = load_quantized(args.model)
+    else:
+        loaded = load_model(args.finetuned or args.model, device=args.device, dtype="float32")
     if args.finetuned:  # the fine-tuned weights; keep the tokenizer of the base model when the run saved none
         base = load_model(args.model, device=args.device, dtype="float32") if loaded.tokenizer is None else loaded
         loaded.tokenizer = base.tokenizer
@@ -167,10 +178,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     untuned = not (args.prefix or args.lora or args.finetuned)
     instruction = args.instruction if args.instruction is not None else (DEFAULT_INSTRUCTION if untuned else "")
     shots = data.train[:: max(1, len(data.train) // max(args.shots, 1))][:args.shots] if args.shots else []
-    with torch.inference_mode():
-        r = evaluate(loaded, model, kv, examples, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                     max_inputs=args.max_inputs, seed=args.seed, shots=shots, instruction=instruction,
-                     out=args.out, max_batch_size=args.max_batch_size)
+    threads = torch.get_num_threads()
+    if loaded.quantization == "q4":  # the kernels run on threads of their own (as in the server): torch's would spin
+        torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            r = evaluate(loaded, model, kv, examples, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                         max_inputs=args.max_inputs, seed=args.seed, shots=shots, instruction=instruction,
+                         out=args.out, max_batch_size=args.max_batch_size)
+    finally:
+        torch.set_num_threads(threads)
     print(json.dumps(r, indent=1))
     return 0
 

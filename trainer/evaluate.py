@@ -78,7 +78,10 @@ def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tenso
                   progress: bool = True) -> list[list[int]]:
     """Greedy outputs (stop token excluded) of every prompt, decoded by the server's engine in one continuously
     batched run: what a client sending these prompts with greedy settings would get."""
-    engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, max_queue=max(len(prompts), 1)))
+    # the engine's thread writes into the buffers made here: they must be normal tensors even when the caller
+    # decodes under torch.inference_mode() (the quantised runner's cache would otherwise refuse the writes)
+    with torch.inference_mode(False):
+        engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, max_queue=max(len(prompts), 1)))
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(sorted(stops)))
     prefix = engine_prefix(kv)
     engine.start()
@@ -110,7 +113,8 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
     inputs, refs = select_inputs(examples, max_inputs, seed)
     prompts = [tok(few_shot_prompt(instruction, shots or [], text) if instruction or shots else prompt_for(text))
                ["input_ids"] for text in inputs]
-    model.eval()
+    if isinstance(model, nn.Module):  # the quantised model (QuantLlama) has no training mode
+        model.eval()
     t0 = time.perf_counter()
     if num_beams == 1 and model is loaded.model:
         outs = decode_greedy(loaded, prompts, kv, stops, max_new_tokens, max_batch_size, progress)
@@ -120,7 +124,8 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
     hyps = [tok.decode(ids, skip_special_tokens=True).strip() for ids in outs]
     decode_s = time.perf_counter() - t0
     result = {"metrics": score(inputs, hyps, refs, use_java), "inputs": len(inputs), "num_beams": num_beams,
-              "max_new_tokens": max_new_tokens, "decode_seconds": decode_s, "seed": seed}
+              "max_new_tokens": max_new_tokens, "decode_seconds": decode_s, "seed": seed,
+              "quantization": loaded.quantization}
     slots = slot_errors(inputs, hyps) if all(is_e2e_input(i) for i in inputs) else None
     if slots is not None:
         result["slot_errors"] = slots.as_dict()

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import trainer.loop as loop
+from server.engine import kernels
 from prefix_store.artifact import load_dir, validate
 from trainer.data import DataSplits, Example
 from trainer.methods import MethodConfig
+from tests.tiny import save_tiny_model_dir
 
 EX = [Example(f"name : N{i % 7} | food : F{i % 3}", f"N{i % 7} serves F{i % 3} food.") for i in range(30)]
 DATA = DataSplits(EX[:24], EX[24:], EX[24:], "toy format", "toy")
@@ -99,3 +101,37 @@ def test_fix_mrs_and_swap_values_change_what_is_trained_on(make_model, tmp_path)
     triples = [Example("Alan Bean : occupation : Test pilot", "Alan Bean was a test pilot.")] * 4
     with pytest.raises(ValueError, match="E2E"):
         loop.training_examples(DataSplits(triples, triples, triples, "webnlg", "webnlg"), _cfg(swap_values=True))
+
+
+@pytest.mark.skipif(bool(kernels.missing_cpu_flags()), reason="the CPU lacks AVX2/FMA/F16C")
+def test_cli_evaluate_decodes_as_the_quantised_server(tmp_path):
+    from server.engine.quant_runner import load_quantized
+    from trainer.cli import main
+    from trainer.data import prompt_for
+    from trainer.evaluate import decode_greedy, load_prefix
+    from trainer.generate import stop_token_ids
+
+    model_dir = save_tiny_model_dir("llama", tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"input": e.input, "output": e.output}) for e in EX))
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--prefix-length", "2", "--mid-dim", "8", "--batch-size", "4"]) == 0
+    threads = torch.get_num_threads()
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--split", "valid", "--prefix",
+                 str(tmp_path / "run"), "--beams", "1", "--quantization", "q4", "--max-new-tokens", "6",
+                 "--max-batch-size", "3", "--out", str(tmp_path / "ev")]) == 0
+    assert torch.get_num_threads() == threads  # the kernels' setting does not outlive the evaluation
+    result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert result["quantization"] == "q4" and result["inputs"] == len(rows) >= 1
+    # each output is what the quantised engine decodes for that input alone
+    q4 = load_quantized(str(model_dir))
+    kv, stops = load_prefix(tmp_path / "run", q4), stop_token_ids(q4.tokenizer)
+    for row in rows:
+        ids = q4.tokenizer(prompt_for(row["input"]))["input_ids"]
+        with torch.inference_mode():  # as the CLI decodes
+            alone = decode_greedy(q4, [ids], kv, stops, 6, max_batch_size=1, progress=False)[0]
+        assert row["output"] == q4.tokenizer.decode(alone, skip_special_tokens=True).strip()
+    with pytest.raises(SystemExit, match="greedily"):
+        main(["evaluate", "--model", str(model_dir), "--data", str(data), "--prefix", str(tmp_path / "run"),
+              "--quantization", "q4", "--beams", "2"])
