@@ -165,8 +165,13 @@ class Engine:
             raise ValueError(f"weight must be > 0, got {weight}")
         task = Unheld(task) if isinstance(task, (DevicePrefix, DeviceLora)) else task
         payload = task.payload if task is not None else None
-        if isinstance(payload, DeviceLora) and self.lora_refusal is not None:
-            raise ValueError(f"task: {self.lora_refusal}")
+        if isinstance(payload, DeviceLora):
+            if self.lora_refusal is not None:
+                raise ValueError(f"task: {self.lora_refusal}")
+            try:
+                self.runner.lora_layers.check(payload)  # before queueing: a refusal is the client's 422
+            except ValueError as e:
+                raise ValueError(f"task: {e}") from None
         self.runner.check(prompt_ids, payload if isinstance(payload, DevicePrefix) else None, params.max_new_tokens)
         if any(not 0 <= t < self.spec.vocab_size for t in prompt_ids):
             raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")

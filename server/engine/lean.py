@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 
 from server.engine import kernels
@@ -110,6 +111,7 @@ class QuantLlama:
             if not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("quantised weights must be contiguous CPU tensors")
         self._ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+        self._no_lora = (np.zeros((c.layers, 7, 2), dtype=np.int64), np.zeros((c.layers, 7, 2), dtype=np.float32))
         self._desc = kernels.Q4Model(c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.ffn, self.head.padded_rows,
                                      c.max_positions, c.eps, self._ptrs, self.final_norm.data_ptr(),
                                      self.head.codes.data_ptr(), self.head.d.data_ptr(), self.rope_cos.data_ptr(),
@@ -124,12 +126,14 @@ class QuantLlama:
 
     def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, write_pos: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, row_start: int, kv_len: int,
-                embeds: torch.Tensor | None = None) -> torch.Tensor:
+                embeds: torch.Tensor | None = None, loras: list | None = None) -> torch.Tensor:
         """Logits [n, vocab] of the last column of rows [row_start, row_start + n).
 
         ids [n, q] (or embeds [n, q, hidden]) at rope positions `positions` [n, q], their keys and values written at
         cache positions `write_pos` [n, q] (the cache's last position for left padding); a query at position p
         attends to the row's keys 0..p. k_cache, v_cache: fp16 [layers, rows, kv_heads, positions, head_dim].
+        loras: each row's LoRA adapter (a DeviceLora, server/engine/lora.py) or None; its low-rank updates are added
+        after each adapted module's product, from the module's fp32 input.
         """
         c = self.lean
         n, q = write_pos.shape
@@ -144,9 +148,15 @@ class QuantLlama:
         pos = positions.reshape(-1).to(torch.int64).contiguous()
         wp = write_pos.reshape(-1).to(torch.int64).contiguous()
         logits = torch.empty(n, self.head.padded_rows, dtype=torch.float32)
+        ptrs = meta = None
+        if loras is not None and any(x is not None for x in loras):
+            tables = [self.lora_table(x) if x is not None else self._no_lora for x in loras]
+            ptrs = np.ascontiguousarray(np.stack([t[0] for t in tables]))
+            meta = np.ascontiguousarray(np.stack([t[1] for t in tables]))
         rc = self._lib.q4_forward(ctypes.byref(self._desc), h.data_ptr(), pos.data_ptr(), wp.data_ptr(), n, q,
                                   k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3],
-                                  row_start, kv_len, logits.data_ptr(), self.threads)
+                                  row_start, kv_len, logits.data_ptr(), self.threads,
+                                  None if ptrs is None else ptrs.ctypes.data, None if meta is None else meta.ctypes.data)
         if rc != 0:
             raise ValueError(f"q4_forward refused its arguments (code {rc}): rows {row_start}+{n} of "
                              f"{k_cache.shape[1]}, kv_len {kv_len} of {k_cache.shape[3]}, positions "
@@ -163,6 +173,50 @@ class QuantLlama:
         pos = torch.arange(p)[None]
         self.forward(None, pos, pos, k, v, 0, p, embeds=embeddings[None])
         return torch.stack([k[:, 0, :, :p], v[:, 0, :, :p]], dim=1).float()
+
+    # the modules a LoRA adapter may adapt, in the kernels' order, by the suffix of their HF module path
+    LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                    "mlp.up_proj", "mlp.down_proj")
+    MAX_LORA_RANK = 256
+
+    def lora_check(self, lora: Any) -> None:
+        """ValueError naming what the kernels cannot add for this adapter (a module outside the decoder layers'
+        projections, a rank over 256, factors that are not fp32 CPU tensors)."""
+        bad = [m for m in lora.modules if self._lora_slot(m) is None]
+        if bad:
+            raise ValueError(f"the quantised mode adds LoRA updates to the decoder layers' q/k/v/o/gate/up/down "
+                             f"projections only, not {sorted(bad)[:3]}")
+        if lora.rank > self.MAX_LORA_RANK:
+            raise ValueError(f"the quantised mode takes LoRA ranks up to {self.MAX_LORA_RANK}, not {lora.rank}")
+        for t in (*lora.a.values(), *lora.b.values()):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("LoRA factors must be contiguous fp32 CPU tensors in the quantised mode")
+
+    def _lora_slot(self, module: str) -> tuple[int, int] | None:
+        """(layer, kernel module index) of an HF module path, or None."""
+        parts = module.split(".")
+        if len(parts) != 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+            return None
+        name = ".".join(parts[3:])
+        layer = int(parts[2])
+        if name not in self.LORA_MODULES or layer >= self.lean.layers:
+            return None
+        return layer, self.LORA_MODULES.index(name)
+
+    def lora_table(self, lora: Any) -> tuple[np.ndarray, np.ndarray]:
+        """What the kernels read of an adapter: A and B pointers [layers, 7, 2] (int64, 0 where not adapted) and
+        (rank, scale) [layers, 7, 2] (fp32). Built once per adapter and kept on it."""
+        cached = getattr(lora, "_q4_table", None)
+        if cached is not None:
+            return cached
+        ptrs = np.zeros((self.lean.layers, 7, 2), dtype=np.int64)
+        meta = np.zeros((self.lean.layers, 7, 2), dtype=np.float32)
+        for module, a in lora.a.items():
+            layer, idx = self._lora_slot(module)
+            ptrs[layer, idx] = (a.data_ptr(), lora.b[module].data_ptr())
+            meta[layer, idx] = (a.shape[0], lora.scaling)
+        lora._q4_table = (ptrs, meta)  # the tensors it points into live as long as the adapter
+        return lora._q4_table
 
     def hf_config(self) -> Any:
         """The HF config this model's config stands for (a LlamaConfig, built from its fields if need be)."""

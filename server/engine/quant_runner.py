@@ -25,7 +25,7 @@ from basemodel.model import (EMBEDDED_MODEL, GGUF_FILE, LoadedModel, ModelSpec, 
                              publish_dir, resolve_model_path, spec_from_config)
 from server.engine import kernels
 from server.engine.config import EngineConfig
-from server.engine.kv_cache import SlotKVCache
+from server.engine.lora import LoraSlotCache
 from server.engine.packed import give_back_memory
 from server.engine.runner import CausalRunner
 
@@ -135,29 +135,40 @@ def _tokenizer(path: str | Path, name: str):
 
 
 class QuantRunner(CausalRunner):
-    """Decoder-only rows on the lean quantised forward; everything else as CausalRunner."""
+    """Decoder-only rows on the lean quantised forward; everything else as CausalRunner. LoRA rows ride along with
+    their cache rows (LoraSlotCache) and the kernels add their low-rank updates (QuantLlama.lora_table)."""
 
     # positions per row the cache starts with (it doubles as rows grow longer): short requests stay small
     INITIAL_POSITIONS = 64
-    # the lean forward has no LoRA layers (the engine refuses LoRA tasks with this, and the upload route with a 422)
-    lora_refusal = ("the quantised mode (--quantization q4) does not serve LoRA adapters yet: serve them from a "
-                    "server started with --quantization none")
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, max_seq_len: int):
         self.loaded, self.spec, self.device = loaded, loaded.spec, loaded.device
         self.config, self.max_seq_len = config, max_seq_len
         self.model = loaded.model
-        self.cache = SlotKVCache(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.device,
-                                 torch.float16, max_rows=config.row_capacity, max_len=max_seq_len + 1,
-                                 positions=self.INITIAL_POSITIONS, prefetch_limit=config.kv_cache_bytes)
+        self.lora_layers = QuantLoras(loaded.model)
+        self.cache = LoraSlotCache(self.lora_layers, self.spec.num_layers, self.spec.num_kv_heads,
+                                   self.spec.head_dim, self.device, torch.float16, max_rows=config.row_capacity,
+                                   max_len=max_seq_len + 1, positions=self.INITIAL_POSITIONS,
+                                   prefetch_limit=config.kv_cache_bytes)
         self.body = self.head = None
-
-    def admit(self, rows) -> None:
-        """Nothing to set up beyond the prefix copy the batch does (LoRA rows never reach this runner)."""
-        for r in rows:
-            r.state = None
 
     def forward(self, ids: torch.Tensor, write_pos: torch.Tensor, row_start: int, kv_len: int) -> torch.Tensor:
         """One call of the lean forward over the slot cache (positions = cache positions, as CausalRunner)."""
         positions = torch.where(write_pos < self.cache.trash_pos, write_pos, 0)
-        return self.model.forward(ids, positions, write_pos, self.cache.k, self.cache.v, row_start, kv_len)
+        return self.model.forward(ids, positions, write_pos, self.cache.k, self.cache.v, row_start, kv_len,
+                                  loras=self.cache.block_loras(row_start, ids.shape[0]))
+
+
+class QuantLoras:
+    """What the engine and the slot cache need of a runner's LoRA layers, for the lean forward: the check at
+    admission (QuantLlama.lora_check), and nothing to forget (the kernels keep no gathered factors)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def check(self, lora) -> None:
+        """ValueError naming what the kernels cannot add for this adapter."""
+        self.model.lora_check(lora)
+
+    def forget(self) -> None:
+        """Nothing is gathered between forwards."""

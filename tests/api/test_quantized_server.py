@@ -1,5 +1,5 @@
-"""The real server in the quantised mode (--quantization q4) on a tiny LLaMA: prefix, prompt-tuning and bare rows
-served together over HTTP, each equal to itself alone; a model the mode cannot run is refused at start."""
+"""The real server in the quantised mode (--quantization q4) on a tiny LLaMA: prefix, prompt-tuning, LoRA and bare
+rows served together over HTTP, each equal to itself alone; a model the mode cannot run is refused at start."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +23,16 @@ def q4_server(tmp_path_factory):
     stop_server(s)
 
 
-def test_ready_says_q4_and_rows_with_tasks_equal_alone(q4_server):
+def test_ready_says_q4_and_rows_with_tasks_equal_alone(q4_server, tmp_path):
+    """Prefix, prompt-tuning, LoRA and bare rows over HTTP: together, each gives the ids it gives alone."""
     with q4_server.client() as c:
         assert c.get("/ready").json()["quantization"] == "q4"
+        lora = read_dir(save_lora_adapter("llama", tmp_path / "lora", r=4, seed=1))
         for name, files in [("pre", peft_adapter("llama", tokens=6, seed=1)),
-                            ("soft", peft_adapter("llama", tokens=4, seed=2, prompt_tuning=True))]:
+                            ("soft", peft_adapter("llama", tokens=4, seed=2, prompt_tuning=True)), ("lo", lora)]:
             r = c.put(f"/prefixes/{name}", files=[("files", (n, b)) for n, b in files.items()])
             assert r.status_code in (200, 201), r.text
-        jobs = [(task, prompt) for task in ("pre", "soft", None)
+        jobs = [(task, prompt) for task in ("pre", "soft", "lo", None)
                 for prompt in ("The quick brown fox", "Hello", "Once upon a time there was")]
 
         def ask(job):
@@ -47,14 +49,6 @@ def test_ready_says_q4_and_rows_with_tasks_equal_alone(q4_server):
         assert len({tuple(a) for a in alone}) == len(jobs)  # tasks change what rows say
         r = c.post("/v1/completions", json={"model": "pre", "prompt": "Hello", "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-
-
-def test_a_lora_upload_is_refused_naming_the_mode(q4_server, tmp_path):
-    files = read_dir(save_lora_adapter("llama", tmp_path / "lora", r=4, seed=1))
-    with q4_server.client() as c:
-        r = c.put("/prefixes/lo", files=[("files", (n, b)) for n, b in files.items()])
-        assert r.status_code == 422 and "--quantization none" in r.text, r.text
-        assert c.get("/prefixes/lo").status_code == 404  # nothing stored
 
 
 def test_q4_on_a_model_it_cannot_run_is_refused_at_start(tmp_path):

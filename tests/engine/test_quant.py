@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 
 from basemodel.convert import artifact_from_files
 from prefix_store.peft_io import read_dir
@@ -14,11 +15,14 @@ from server.engine import kernels
 from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig
 from server.engine.lean_build import quant_llama_from_hf, unpermute_order
+from server.engine.lora import DeviceLora
 from server.engine.quant import GROUP, Q4Weight, Q8Weight
 from server.engine.quant_runner import resolve_quantization
+from server.engine.sampling import SamplingParams
 from tests.engine.conftest import make_peft_adapter
 from tests.engine.test_exactness import PROMPTS, run_alone, run_arriving
-from tests.tiny import loaded_tiny_q4, tiny_model
+from tests.engine.test_lora import device_lora
+from tests.tiny import loaded_tiny_q4, save_lora_adapter, tiny_model
 
 pytestmark = pytest.mark.skipif(bool(kernels.missing_cpu_flags()), reason="the CPU lacks AVX2/FMA/F16C")
 
@@ -174,14 +178,57 @@ def q4():
     return loaded_tiny_q4()
 
 
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @pytest.fixture(scope="module")
-def q4_prefixes(q4, tmp_path_factory):
+def q4_loras(tmp_path_factory):
+    """PEFT LoRA adapters for the tiny LLaMA: rank 4 on q/v (PEFT's default targets), rank 8 rsLoRA on every
+    projection."""
+    root = tmp_path_factory.mktemp("q4-loras")
+    return [str(save_lora_adapter("llama", root / "qv", r=4, seed=5)),
+            str(save_lora_adapter("llama", root / "all", r=8, seed=6, use_rslora=True, target_modules=ALL_PROJECTIONS))]
+
+
+@pytest.fixture(scope="module")
+def q4_prefixes(q4, q4_loras, tmp_path_factory):
+    """Prefix, prompt-tuning and LoRA tasks for the quantised tiny LLaMA, and no task."""
     root = tmp_path_factory.mktemp("q4-adapters")
     out = []
     for i, (method, n) in enumerate([("prefix", 3), ("prefix", 9), ("prompt", 5)]):
         art = artifact_from_files(read_dir(make_peft_adapter("llama", method, n, root / f"a{i}", seed=i)), q4)
         out.append(DevicePrefix(art.manifest.sha256, art.kv))
-    return out + [None]
+    return out + [device_lora(path, q4) for path in q4_loras] + [None]
+
+
+def test_lora_rows_follow_peft_on_the_dequantised_weights(q4, q4_loras):
+    """A LoRA row's logits: within a few percent of PEFT's on the same (dequantised) weights, as bare rows are, and
+    far from the bare model's."""
+    ids = torch.tensor([PROMPTS[1][:6]])
+    pos = torch.arange(6)[None]
+    k, v = cache(q4.model, rows=1, positions=16)
+    bare_ref = q4.model.reference()
+    with torch.no_grad():
+        bare = bare_ref(ids).logits[0, -1]
+    for path in q4_loras:
+        peft = PeftModel.from_pretrained(q4.model.reference(), path).eval()
+        with torch.no_grad():
+            want = peft(ids).logits[0, -1]
+        got = q4.model.forward(ids, pos, pos, k, v, 0, 6, loras=[device_lora(path, q4)])[0]
+        assert (got - want).abs().max() < 0.03 * want.abs().max() < (want - bare).abs().max(), path
+
+
+def test_lora_the_kernels_cannot_add_is_refused_at_submit(q4):
+    """(PEFT uploads of an lm_head LoRA are refused earlier, by the upload's validation; this is the engine's own
+    check, for adapters that reach it another way.)"""
+    h, v = q4.spec.hidden_size, q4.spec.vocab_size
+    head = DeviceLora("x", {"lm_head": torch.zeros(2, h)}, {"lm_head": torch.zeros(v, 2)}, 2, 1.0)
+    with pytest.raises(ValueError, match="q/k/v/o/gate/up/down"):
+        Engine(q4).submit(PROMPTS[0], SamplingParams(max_new_tokens=2), head)
+    wide = DeviceLora("y", {"model.layers.0.self_attn.q_proj": torch.zeros(300, h)},
+                      {"model.layers.0.self_attn.q_proj": torch.zeros(h, 300)}, 300, 1.0)
+    with pytest.raises(ValueError, match="ranks up to 256"):
+        Engine(q4).submit(PROMPTS[0], SamplingParams(max_new_tokens=2), wide)
 
 
 def test_prompt_tuning_kv_is_the_forward_of_its_embeddings(q4):
@@ -194,9 +241,10 @@ def test_prompt_tuning_kv_is_the_forward_of_its_embeddings(q4):
 
 @pytest.mark.parametrize("chunk", [512, 3], ids=["whole-prompts", "chunked-prefill"])
 def test_engine_rows_with_prefixes_equal_alone(q4, q4_prefixes, chunk):
-    """Prefix, prompt-tuning and bare rows in one quantised batch, joining and leaving: each equals itself alone."""
+    """Prefix, prompt-tuning, LoRA and bare rows in one quantised batch, joining and leaving: each equals itself
+    alone."""
     jobs = [(PROMPTS[(i * 3) % len(PROMPTS)], q4_prefixes[i % len(q4_prefixes)], 3 + (i * 5) % 11)
-            for i in range(10)]
+            for i in range(12)]
     expected = [run_alone(Engine(q4), p, px, n) for p, px, n in jobs]
     assert len({tuple(e) for e in expected}) > 5  # the prefixes change what the rows say
     got, sizes = run_arriving(Engine(q4, EngineConfig(max_batch_size=5, max_prefill_tokens=chunk)), jobs)

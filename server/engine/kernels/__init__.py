@@ -106,7 +106,7 @@ def load(cache_dir: Path | None = None) -> ctypes.CDLL:
             raise KernelsUnavailable(f"the quantised kernels need {', '.join(missing)}, which this CPU lacks")
         lib = ctypes.CDLL(str(_build(cache_dir or default_cache_dir())))
         p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.q4_forward.argtypes = [ctypes.POINTER(Q4Model), p, p, p, i, i, p, p, i, i, i, i, p, i]
+        lib.q4_forward.argtypes = [ctypes.POINTER(Q4Model), p, p, p, i, i, p, p, i, i, i, i, p, i, p, p]
         lib.q4_forward.restype = i
         lib.q4_matmul_f32.argtypes = [p, p, p, i, i, p, i, p, i]
         lib.q4_matmul_f32.restype = i

@@ -429,9 +429,12 @@ struct Q4Model {
 //   k, v     fp16 caches [layers, cache_rows, kv_heads, cache_len, head_dim]; rows row_start.. are this block's
 //   kv_len   key positions that exist this step (a query at position p attends to 0..p)
 //   logits   [n, vocab] fp32: the last column of each row
+//   lora_ptrs, lora_meta  (both null: no LoRA row) per (row of the block, layer, module) for the modules q, k, v, o,
+//            gate, up, down: the A [r, in] and B [out, r] fp32 pointers (null A: that module is not adapted) and
+//            (r, scale); after a module's product its LoRA rows add scale * B (A x), x the module's fp32 input
 int q4_forward(const Q4Model* model, float* h, const int64_t* pos, const int64_t* write_pos, int n, int q,
                uint16_t* kcache, uint16_t* vcache, int cache_rows, int cache_len, int row_start, int kv_len,
-               float* logits, int threads) {
+               float* logits, int threads, const int64_t* lora_ptrs, const float* lora_meta) {
   const Q4Model& M = *model;
   if (M.hidden % GROUP || M.ffn % GROUP || (M.kv_heads * M.head_dim) % 8 || M.vocab % 8 || M.head_dim % 16 || M.head_dim > 256 || M.heads % M.kv_heads || (M.heads * M.head_dim) % GROUP) return 1;
   if (row_start < 0 || row_start + n > cache_rows || kv_len > cache_len || threads < 1) return 2;
@@ -481,9 +484,43 @@ int q4_forward(const Q4Model* model, float* h, const int64_t* pos, const int64_t
     });
   };
 
-  // two counters per step of this call (Chunks): 10 steps per layer and 2 after them
-  if (g_counters.size() < 2 * (static_cast<size_t>(M.layers) * 10 + 2))
-    g_counters = std::vector<std::atomic<int>>(2 * (static_cast<size_t>(M.layers) * 10 + 2));
+  // two counters per step of this call (Chunks): up to 14 steps per layer (10, and 4 more with LoRA rows), 2 after
+  if (g_counters.size() < 2 * (static_cast<size_t>(M.layers) * 14 + 2))
+    g_counters = std::vector<std::atomic<int>>(2 * (static_cast<size_t>(M.layers) * 14 + 2));
+  // LoRA rows: out[t, off_m ..] += scale * B_m (A_m x[t]) for modules m0..m0+count-1 of layer l (one step)
+  const bool has_lora = lora_ptrs != nullptr && lora_meta != nullptr;
+  auto lora_add = [&](int l, int m0, int count, const float* x, int in_w, float* y, int ldy, const int* offsets,
+                      const int* widths, Chunks& work) {
+    work.run(T, [&](int lo, int hi) {
+      float tmp[256];
+      for (int t = lo; t < hi; ++t) {
+        const float* xt = x + static_cast<size_t>(t) * in_w;
+        for (int k = 0; k < count; ++k) {
+          size_t ref = (static_cast<size_t>(t / q) * M.layers + l) * 7 + m0 + k;
+          const float* A = reinterpret_cast<const float*>(lora_ptrs[2 * ref]);
+          const float* B = reinterpret_cast<const float*>(lora_ptrs[2 * ref + 1]);
+          if (A == nullptr) continue;
+          int r = static_cast<int>(lora_meta[2 * ref]);
+          float scale = lora_meta[2 * ref + 1];
+          for (int j = 0; j < r; ++j) {
+            const float* a = A + static_cast<size_t>(j) * in_w;
+            __m256 acc = _mm256_setzero_ps();
+            for (int i = 0; i < in_w; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(xt + i), acc);
+            tmp[j] = hsum(acc) * scale;
+          }
+          float* yt = y + static_cast<size_t>(t) * ldy + offsets[k];
+          for (int o = 0; o < widths[k]; ++o) {
+            const float* b = B + static_cast<size_t>(o) * r;
+            float v = 0.0f;
+            for (int j = 0; j < r; ++j) v += b[j] * tmp[j];
+            yt[o] += v;
+          }
+        }
+      }
+    });
+  };
+  const int qkv_off[3] = {0, qw, qw + kvw}, qkv_w3[3] = {qw, kvw, kvw};
+  const int gu_off[2] = {0, F}, gu_w[2] = {F, F}, zero[1] = {0}, hidden_w[1] = {H};
   for (auto& c : g_counters) c.store(0, std::memory_order_relaxed);
 
   P.run([&](int tid, int nth) {
@@ -492,6 +529,7 @@ int q4_forward(const Q4Model* model, float* h, const int64_t* pos, const int64_t
       const Layer& ly = L[l];
       norm_rows(ly.attn_norm, work);
       q4_matmul(ly.qkv, Acts{S.q.data(), S.d.data(), S.s.data(), H}, T, S.qkv.data(), qkv_w, false, work);
+      if (has_lora) lora_add(l, 0, 3, S.normed.data(), H, S.qkv.data(), qkv_w, qkv_off, qkv_w3, work);
       // rope on q and k (HF's rotate_half layout), then k and v into the cache at their write positions
       work.run(T, [&](int lo, int hi) {
         for (int t = lo; t < hi; ++t) {
@@ -574,8 +612,10 @@ int q4_forward(const Q4Model* model, float* h, const int64_t* pos, const int64_t
       });
       quantize_rows(S.attn.data(), qw, work);
       q4_matmul(ly.o, Acts{S.q.data(), S.d.data(), S.s.data(), qw}, T, h, H, true, work);
+      if (has_lora) lora_add(l, 3, 1, S.attn.data(), qw, h, H, zero, hidden_w, work);
       norm_rows(ly.ffn_norm, work);
       q4_matmul(ly.gate_up, Acts{S.q.data(), S.d.data(), S.s.data(), H}, T, S.ffn.data(), 2 * F, false, work);
+      if (has_lora) lora_add(l, 4, 2, S.normed.data(), H, S.ffn.data(), 2 * F, gu_off, gu_w, work);
       work.run(T, [&](int lo, int hi) {  // silu(gate) * up, quantised for the down projection
         const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
         for (int t = lo; t < hi; ++t) {
@@ -591,6 +631,7 @@ int q4_forward(const Q4Model* model, float* h, const int64_t* pos, const int64_t
         }
       });
       q4_matmul(ly.down, Acts{S.q.data(), S.d.data(), S.s.data(), F}, T, h, H, true, work);
+      if (has_lora) lora_add(l, 6, 1, S.act.data(), F, h, H, zero, hidden_w, work);
     }
     // final norm of each row's last column, then the head
     work.run(n, [&](int lo, int hi) {
