@@ -1,10 +1,13 @@
 """Build docs/results.md from training run directories (summary.json) and evaluations (metrics.json).
 
 Usage: python -m trainer.results --row LABEL RUN_DIR EVAL_DIR [--row ...] --out docs/results.md [--update]
+                                 [--table NAME] [--groups]
        python -m trainer.results --manifest ARTIFACT_DIR --score LABEL EVAL_DIR [--score ...]
 RUN_DIR may be '-' for rows without training (the untuned model). Only measured numbers are written; the paper's
 GPT-2 medium numbers are printed beside them for context. With --update, the rows already in --out stay (a row with
-the same label is replaced), so rows measured in different sessions need not all be re-run to add one.
+the same label is replaced), so rows measured in different sessions need not all be re-run to add one. --table NAME
+writes between `<!-- RESULTS:NAME -->` markers instead (several tables in one file); --groups makes a table of BLEU,
+METEOR and TER over all inputs and each group of them (WebNLG's seen and unseen categories).
 """
 from __future__ import annotations
 
@@ -44,10 +47,41 @@ def row(label: str, run_dir: str, eval_dir: str) -> str:
     s = json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir != "-" else {}
     trained = f"{100 * s['trained_share']:.3f}%" if s else "0"
     stored = f"{100 * s['stored_share']:.4f}%" if s else "0"
-    dec = "greedy" if ev["num_beams"] == 1 else f"beam {ev['num_beams']}"
     return (f"| {label} | {_fmt(m['BLEU'], 100, 1)} | {_fmt(m['NIST'])} | {_fmt(m['METEOR'], 100, 1)} | "
             f"{_fmt(m['ROUGE_L'], 100, 1)} | {_fmt(m['CIDEr'])} | {_fmt(m.get('SER'), 100, 1)} | {trained} | "
-            f"{stored} | {_training(s)} | {_machine(s)} | {dec}, {ev['inputs']} MRs |")
+            f"{stored} | {_training(s)} | {_machine(s)} | {_decoding(ev)}, {ev['inputs']} MRs |")
+
+
+def _decoding(ev: dict) -> str:
+    dec = "greedy" if ev["num_beams"] == 1 else f"beam {ev['num_beams']}"
+    return dec + (", q4" if ev.get("quantization") == "q4" else "")
+
+
+GROUP_METRICS = (("BLEU", 100, 1), ("METEOR", 100, 1), ("TER", 100, 1))
+
+
+def group_row(label: str, run_dir: str, eval_dir: str) -> str:
+    """One row of a --groups table: BLEU, METEOR, TER over all inputs, then over each group (sorted by name)."""
+    ev = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    s = json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir != "-" else {}
+    cells = []
+    for part in [ev, *(ev.get("groups", {})[g] for g in sorted(ev.get("groups", {})))]:
+        m = part["metrics"]
+        cells += [_fmt(m.get(k), scale, digits) for k, scale, digits in GROUP_METRICS]
+        cells[-3] += f" ({part['inputs']})"
+    return (f"| {label} | {' | '.join(cells)} | {_training(s)} | {_machine(s)} | {_decoding(ev)}, "
+            f"{ev['inputs']} inputs |")
+
+
+def group_table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
+    """The --groups table; the groups are those of the first new row's evaluation."""
+    ev = json.loads((Path(rows[0][2]) / "metrics.json").read_text()) if rows else {}
+    names = ["all", *sorted(ev.get("groups", {}))]
+    head = ("| system | " + " | ".join(f"{n}: {k}" + (" (inputs)" if k == "BLEU" else "")
+                                       for n in names for k, _, _ in GROUP_METRICS)
+            + " | training | machine | decoding |\n|" + "---|" * (3 * len(names) + 4))
+    new = {label: group_row(label, run, e) for label, run, e in rows}
+    return "\n".join([head, *[new.pop(_label(line), line) for line in kept], *new.values()])
 
 
 def _label(line: str) -> str:
@@ -85,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--row", nargs=3, action="append", metavar=("LABEL", "RUN_DIR", "EVAL_DIR"), default=[])
     ap.add_argument("--out", help="write the table into this markdown file between the RESULTS markers")
     ap.add_argument("--update", action="store_true", help="keep the rows already in --out (same label: replaced)")
+    ap.add_argument("--table", default="", help="write between <!-- RESULTS:NAME --> markers (default: RESULTS)")
+    ap.add_argument("--groups", action="store_true", help="BLEU, METEOR, TER over all inputs and per group")
     ap.add_argument("--manifest", help="instead: write --score evaluations into this artifact directory's manifest")
     ap.add_argument("--score", nargs=2, action="append", metavar=("LABEL", "EVAL_DIR"), default=[])
     args = ap.parse_args(argv)
@@ -92,15 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record_scores(args.manifest, [tuple(x) for x in args.score]), indent=1))
         return 0
     p = Path(args.out) if args.out else None
-    doc = p.read_text() if p and p.exists() else "<!-- RESULTS -->\n<!-- /RESULTS -->\n"
-    start, end = doc.index("<!-- RESULTS -->"), doc.index("<!-- /RESULTS -->")
+    name = f"RESULTS:{args.table}" if args.table else "RESULTS"
+    begin, stop = f"<!-- {name} -->", f"<!-- /{name} -->"
+    doc = p.read_text() if p and p.exists() else f"{begin}\n{stop}\n"
+    if begin not in doc or stop not in doc:
+        ap.error(f"{p} has no {begin} ... {stop} markers")
+    start, end = doc.index(begin), doc.index(stop)
     paper = {entry[0] for entry in PAPER}
     kept = [line for line in doc[start:end].splitlines()[3:] if line.startswith("| ") and _label(line) not in paper]
-    text = table([tuple(r) for r in args.row], kept if args.update else [])
+    rows = [tuple(r) for r in args.row]
+    text = (group_table if args.groups else table)(rows, kept if args.update else [])
     if not p:
         print(text)
         return 0
-    p.write_text(doc[:start] + "<!-- RESULTS -->\n" + text + "\n" + doc[end:])
+    p.write_text(doc[:start] + begin + "\n" + text + "\n" + doc[end:])
     return 0
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from trainer.results import main
 
 
@@ -67,3 +69,23 @@ def test_scores_go_into_the_manifest_and_leave_the_tensors(tmp_path):
     assert back.manifest.sha256 == art.manifest.sha256 and back.manifest.extra["training"] == {"steps": 3}
     got = back.manifest.extra["scores"]["e2e test, greedy"]
     assert got["metrics"]["BLEU"] == 0.66 and got["inputs"] == 630 and "decode_seconds" not in got
+
+
+def test_named_tables_and_group_tables(tmp_path):
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps({
+        "metrics": {"BLEU": 0.5, "METEOR": 0.4, "TER": 0.45}, "num_beams": 1, "inputs": 30, "quantization": "q4",
+        "groups": {"seen": {"inputs": 20, "metrics": {"BLEU": 0.6, "METEOR": 0.42, "TER": 0.4}},
+                   "unseen": {"inputs": 10, "metrics": {"BLEU": 0.3, "METEOR": 0.35, "TER": 0.6}}}}))
+    out = tmp_path / "results.md"
+    out.write_text("<!-- RESULTS -->\nmain\n<!-- /RESULTS -->\n<!-- RESULTS:webnlg -->\n<!-- /RESULTS:webnlg -->\n")
+    assert main(["--row", "w", "-", str(ev), "--out", str(out), "--table", "webnlg", "--groups"]) == 0
+    text = out.read_text()
+    assert "main" in text  # the other table is untouched
+    assert "| system | all: BLEU (inputs) | all: METEOR | all: TER | seen: BLEU (inputs) |" in text
+    assert "| w | 50.0 (30) | 40.0 | 45.0 | 60.0 (20) | 42.0 | 40.0 | 30.0 (10) | 35.0 | 60.0 | - | - | greedy, q4, " \
+           "30 inputs |" in text
+    with pytest.raises(SystemExit):  # no such markers: refused, the file unchanged
+        main(["--row", "w", "-", str(ev), "--out", str(out), "--table", "nope"])
+    assert out.read_text() == text
