@@ -78,6 +78,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantization", choices=("none", "q4"), default="none",
                    help="none: the exact fp32 mode; q4: decode as the server's quantised mode does (the embedded "
                         "model's 4-bit GGUF weights through the server's kernels; greedy, prefixes or no task)")
+    p.add_argument("--must-include", action="store_true", help="E2E, greedy: each output must say a phrase for "
+                   "every attribute of its MR before it may stop (the server's parameters.must_include)")
     p.add_argument("--swap-values", action="store_true", help="E2E: score the split with each MR's venue type and "
                    "food swapped as training's validation pairs are (references rewritten to match)")
     p.add_argument("--out", help="write predictions.jsonl and metrics.json here")
@@ -185,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         with torch.inference_mode():
             r = evaluate(loaded, model, kv, examples, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
                          max_inputs=args.max_inputs, seed=args.seed, shots=shots, instruction=instruction,
-                         out=args.out, max_batch_size=args.max_batch_size)
+                         out=args.out, max_batch_size=args.max_batch_size, must_include=args.must_include)
     finally:
         torch.set_num_threads(threads)
     print(json.dumps(r, indent=1))

@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,12 +17,12 @@ from basemodel.model import LoadedModel
 from prefix_store.artifact import load_dir, validate
 from server.engine.engine import Engine, EngineConfig
 from server.engine.device_prefix import DevicePrefix
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingParams, phrase_spellings
 from trainer.data import Example, group_references, prompt_for
 from trainer.generate import generate, stop_token_ids
 from trainer.metrics import corpus_ter, e2e_metrics
 from trainer.seq2seq import Seq2SeqPrefix, generate_seq2seq
-from trainer.slots import SlotReport, is_e2e_input, slot_errors
+from trainer.slots import SlotReport, is_e2e_input, mr_phrases, slot_errors
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,10 @@ def engine_prefix(kv: torch.Tensor | Seq2SeqPrefix | None) -> DevicePrefix | Non
 
 def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tensor | Seq2SeqPrefix | None,
                   stops: set[int], max_new_tokens: int = 64, max_batch_size: int = 64,
-                  progress: bool = True) -> list[list[int]]:
+                  progress: bool = True, must_include: list[list[list[str]]] | None = None) -> list[list[int]]:
     """Greedy outputs (stop token excluded) of every prompt, decoded by the server's engine in one continuously
-    batched run: what a client sending these prompts with greedy settings would get."""
+    batched run: what a client sending these prompts with greedy settings would get. `must_include`: per prompt,
+    the phrases (each a list of alternatives) the output must say before it may stop, as the API's parameter."""
     # the engine's thread writes into the buffers made here: they must be normal tensors even when the caller
     # decodes under torch.inference_mode() (the quantised runner's cache would otherwise refuse the writes)
     with torch.inference_mode(False):
@@ -86,7 +88,9 @@ def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tenso
     prefix = engine_prefix(kv)
     engine.start()
     try:
-        handles = [engine.submit(p, params, prefix, loop=None) for p in prompts]
+        per_prompt = [params] * len(prompts) if must_include is None else [
+            replace(params, must_include=phrase_spellings(loaded.tokenizer, phrases)) for phrases in must_include]
+        handles = [engine.submit(p, sp, prefix, loop=None) for p, sp in zip(prompts, per_prompt)]
         outs = []
         for h in tqdm(handles, disable=not progress, desc="decode greedy (engine)"):
             r = h.wait(None)  # no deadline: a paused (SIGSTOP) run resumes where it was
@@ -103,10 +107,13 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
              examples: list[Example], *,
              num_beams: int = 5, max_new_tokens: int = 64, max_inputs: int = 0, seed: int = 0,
              shots: list[Example] | None = None, instruction: str = "", out: str | Path | None = None,
-             progress: bool = True, use_java: bool | None = None, max_batch_size: int = 64) -> dict:
+             progress: bool = True, use_java: bool | None = None, max_batch_size: int = 64,
+             must_include: bool = False) -> dict:
     """Decode and score (greedy through the engine, beam search one input at a time); writes predictions.jsonl
     and metrics.json into `out` when given. E2E inputs also get the slot error rate; groups of examples (WebNLG's
-    seen / unseen categories) are also scored apart."""
+    seen / unseen categories) are also scored apart. `must_include` (greedy, E2E): each output must say a phrase
+    for every attribute of its MR (`trainer.slots.mr_phrases`) before it may stop, the server's
+    `parameters.must_include`."""
     tok = loaded.tokenizer
     stops = stop_token_ids(tok)
     decode = DECODERS[loaded.spec.is_encoder_decoder][0]
@@ -116,8 +123,11 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
     if isinstance(model, nn.Module):  # the quantised model (QuantLlama) has no training mode
         model.eval()
     t0 = time.perf_counter()
+    if must_include and (num_beams != 1 or model is not loaded.model or not all(map(is_e2e_input, inputs))):
+        raise ValueError("must_include needs greedy decoding through the engine and E2E inputs")
     if num_beams == 1 and model is loaded.model:
-        outs = decode_greedy(loaded, prompts, kv, stops, max_new_tokens, max_batch_size, progress)
+        outs = decode_greedy(loaded, prompts, kv, stops, max_new_tokens, max_batch_size, progress,
+                             [mr_phrases(i) for i in inputs] if must_include else None)
     else:
         outs = [decode(model, p, kv, stops, num_beams, max_new_tokens)
                 for p in tqdm(prompts, disable=not progress, desc=f"decode beam={num_beams}")]
@@ -125,7 +135,7 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
     decode_s = time.perf_counter() - t0
     result = {"metrics": score(inputs, hyps, refs, use_java), "inputs": len(inputs), "num_beams": num_beams,
               "max_new_tokens": max_new_tokens, "decode_seconds": decode_s, "seed": seed,
-              "quantization": loaded.quantization}
+              "quantization": loaded.quantization, "must_include": must_include}
     slots = slot_errors(inputs, hyps) if all(is_e2e_input(i) for i in inputs) else None
     if slots is not None:
         result["slot_errors"] = slots.as_dict()

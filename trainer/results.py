@@ -54,7 +54,7 @@ def row(label: str, run_dir: str, eval_dir: str) -> str:
 
 def _decoding(ev: dict) -> str:
     dec = "greedy" if ev["num_beams"] == 1 else f"beam {ev['num_beams']}"
-    return dec + (", q4" if ev.get("quantization") == "q4" else "")
+    return dec + (", q4" if ev.get("quantization") == "q4" else "") + (", must_include" if ev.get("must_include") else "")
 
 
 GROUP_METRICS = (("BLEU", 100, 1), ("METEOR", 100, 1), ("TER", 100, 1))

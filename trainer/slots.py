@@ -229,3 +229,37 @@ def is_e2e_input(text: str) -> bool:
     except ValueError:
         return False
     return "name" in mr and set(mr) <= set(VALUE_PATTERNS) | set(NAME_ATTRS)
+
+
+# Phrases of which one should appear for each canonical value (the decoding constraint `must_include`; a softer
+# test than the patterns above, which judge the output): at most 8 per value, the server's limit.
+PHRASES: dict[str, dict[str, list[str]]] = {
+    "area": {"riverside": ["riverside", "river"], "city centre": ["city centre", "city center", "centre of"]},
+    "price": {"cheap": ["cheap", "less than £20", "low price", "inexpensive", "affordable", "low-priced"],
+              "moderate": ["moderate", "£20-25", "average price", "mid-range", "reasonabl"],
+              "high": ["high price", "high priced", "high-priced", "expensive", "more than £30", "high-end",
+                       "pricey", "costly"]},
+    "customer rating": {"low": ["low", "1 out of 5", "one star", "1 star", "poor"],
+                        "average": ["average", "3 out of 5", "three star", "3 star"],
+                        "high": ["high customer", "high rating", "highly rated", "5 out of 5", "five star",
+                                 "5 star", "excellent", "highly"]},
+    "family friendly": {"yes": ["family friendly", "family-friendly", "kid friendly", "kid-friendly",
+                                "children friendly", "child friendly", "kids friendly", "families"],
+                        "no": ["not family", "not kid", "not children", "not child", "adults only", "adult only",
+                               "no children", "non family"]},
+}
+
+
+def mr_phrases(linearised: str) -> list[list[str]]:
+    """For each attribute of an E2E MR, the phrases of which one the text should contain (`must_include`):
+    names and venue types as they are, food in either case, the other values from PHRASES."""
+    out = []
+    for attr, value in parse_mr(linearised).items():
+        key = canonical(attr, value)
+        if attr in PHRASES and key in PHRASES[attr]:
+            out.append(list(PHRASES[attr][key]))
+        elif attr == "food":
+            out.append(sorted({value, value.lower()}))
+        else:
+            out.append([value])
+    return out

@@ -13,7 +13,8 @@ from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, error_responses, to_api_error, validation
 from server.api.logprobs import tgi_top_tokens
 from server.api.schemas import (Details, GenerateRequest, GenerateResponse, InputToken, Parameters, StreamDetails,
-                                SSE, STREAMED, StreamResponse, TASK_REF_SCHEMA, Token, tgi_params)
+                                SSE, STREAMED, StreamResponse, TASK_REF_SCHEMA, Token, check_must_include,
+                                tgi_params)
 from server.api.service import Generation, Started, StartedDep, run_or_cancel, start
 from server.tenants.namespaces import Caller
 
@@ -46,7 +47,14 @@ async def _start(state: AppState, caller: Caller, started: Started, body: Genera
                  route: str) -> Generation:
     p = body.parameters or Parameters()
     params, stops = tgi_params(p, state.settings.max_new_tokens_default)
+    phrases = check_must_include(p.must_include, "parameters.must_include")
     ids = await state.tokenizing.encode(body.inputs, truncate=p.truncate)
+    if phrases:
+        params.must_include, params.hold_ids = await state.tokenizing.must_include(phrases, stops)
+        try:
+            params.validate()
+        except ValueError as e:
+            raise validation(f"parameters.{e}") from None
     return await start(state, caller, started, pick_task(query_task, p.adapter_id), ids, params, stops, route)
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefix_store.base import TASK_NAME, TENANT_NAME, VERSION
 from server.api.errors import validation
-from server.engine.sampling import MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE, SamplingParams
+from server.engine.sampling import MAX_MUST_INCLUDE, MAX_TOP_LOGPROBS, REPETITION_PENALTY_RANGE, SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 
@@ -32,6 +32,9 @@ TOP_P = {"exclusiveMinimum": 0, "maximum": 1}
 REPETITION_PENALTY = {"minimum": REPETITION_PENALTY_RANGE[0], "maximum": REPETITION_PENALTY_RANGE[1]}
 SEED = {"minimum": 0, "maximum": 2**63 - 1}
 NON_EMPTY = {"type": "string", "minLength": 1}
+MAX_ALTERNATIVES = 8  # alternatives of one must_include phrase
+MAX_MUST_INCLUDE_CHARS = 200
+MUST_INCLUDE_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_MUST_INCLUDE_CHARS, "pattern": r"\S"}
 STREAMED = {200: {"content": SSE, "description": "JSON, or server-sent events when the body asks to stream"}}
 
 
@@ -64,6 +67,13 @@ class Parameters(Lenient):
     adapter_id: str | None = Field(None, description="The task (LoRAX's name for it); same as ?task=",
                                    json_schema_extra=TASK_REF_SCHEMA)
     ignore_eos_token: bool | None = Field(None, description="Keep generating after the EOS token")
+    must_include: list[str | list[str]] | None = Field(
+        None, description="Phrases the output must say before it may end: each a string, or a list of "
+        "alternatives of which one counts. Until each has appeared, EOS, stop tokens and tokens holding a stop "
+        "string are not chosen; max_new_tokens still ends the output (prefixserve extension)",
+        json_schema_extra={"maxItems": MAX_MUST_INCLUDE, "items": {"anyOf": [
+            MUST_INCLUDE_TEXT, {"type": "array", "minItems": 1, "maxItems": MAX_ALTERNATIVES,
+                                "items": MUST_INCLUDE_TEXT}]}})
     # Accepted so clients can send them; only their neutral values are allowed.
     best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
     typical_p: float | None = Field(None, json_schema_extra={"minimum": 1})
@@ -106,6 +116,24 @@ def check_stops(stops: list[str] | None, field: str) -> list[str]:
     if any(not s for s in stops):
         raise validation(f"{field}: stop sequences must be non-empty strings")
     return stops
+
+
+def check_must_include(phrases: list[str | list[str]] | None, field: str) -> list[list[str]]:
+    """Validate must_include: at most MAX_MUST_INCLUDE phrases, each a non-empty string (at most
+    MAX_MUST_INCLUDE_CHARS characters) or a list of 1 to MAX_ALTERNATIVES of them; returned as lists."""
+    phrases = list(phrases or [])
+    if len(phrases) > MAX_MUST_INCLUDE:
+        raise validation(f"{field}: at most {MAX_MUST_INCLUDE} phrases")
+    out = []
+    for i, p in enumerate(phrases):
+        alts = [p] if isinstance(p, str) else list(p)
+        if not 1 <= len(alts) <= MAX_ALTERNATIVES:
+            raise validation(f"{field}[{i}]: a string or a list of 1 to {MAX_ALTERNATIVES} alternatives")
+        if any(not isinstance(a, str) or not a.strip() or len(a) > MAX_MUST_INCLUDE_CHARS for a in alts):
+            raise validation(f"{field}[{i}]: phrases must be non-blank strings of at most "
+                             f"{MAX_MUST_INCLUDE_CHARS} characters")
+        out.append(alts)
+    return out
 
 
 def sampling_params(max_new_tokens: int | None, default_max: int, *, do_sample: bool | None = None,

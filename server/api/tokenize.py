@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 
 from server.api.errors import APIError, validation
 from server.api.limits import check_text
+from server.engine.sampling import phrase_spellings
 
 logger = logging.getLogger(__name__)
 THREADS = 2
@@ -32,6 +33,23 @@ class Tokenizing:
     def __init__(self, tokenizer: Any, max_prompt_bytes: int, threads: int = THREADS):
         self.tokenizer, self.max_prompt_bytes = tokenizer, max_prompt_bytes
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
+        self._token_texts: list[str] | None = None  # each id's text alone, built on first need
+
+    async def must_include(self, phrases: list[list[str]], stops: list[str]
+                           ) -> tuple[tuple[tuple[tuple[int, ...], ...], ...], tuple[int, ...]]:
+        """(spellings, hold ids) for `SamplingParams.must_include`: each phrase's alternatives as they tokenise
+        alone and after a space (without special tokens), and the ids whose own text holds a stop string (a row
+        must not end on them before its phrases appear)."""
+        def work():
+            tok = self.tokenizer
+            spellings = phrase_spellings(tok, phrases)
+            hold: tuple[int, ...] = ()
+            if stops:
+                if self._token_texts is None:
+                    self._token_texts = tok.batch_decode([[i] for i in range(len(tok))])
+                hold = tuple(i for i, t in enumerate(self._token_texts) if any(s in t for s in stops))
+            return spellings, hold
+        return await self._run(work)
 
     def close(self) -> None:
         """Stop the threads (work still queued is dropped)."""

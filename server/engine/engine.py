@@ -281,7 +281,8 @@ class Engine:
                     self._finish_unstarted(h, "error", f"{type(e).__name__}: {e}")
 
     def _place_rows(self, handles: list[RequestHandle]) -> None:
-        rows = [Row(h, RowSampler.create(h.request.params, h.request.decoder_prompt, self.device),
+        rows = [Row(h, RowSampler.create(h.request.params, h.request.decoder_prompt, self.device,
+                                         self.eos_token_ids),
                     length=h.request.prefix.length if h.request.prefix else 0) for h in handles]
         self.runner.admit(rows)  # per-row set-up (seq2seq: the encoder, once per request)
         self.batch.add(rows)  # all placed, or none

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20
+MAX_MUST_INCLUDE = 16  # phrases a request may require (each with up to MAX_SPELLINGS token spellings)
+MAX_SPELLINGS = 32
 MIN_TEMPERATURE = 1e-4  # a sampling row below it chooses greedily (the limit of temperature -> 0)
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)  # beyond it a penalised logit is meaningless (and can overflow)
 LOGPROB_FLOOR = -9999.0  # reported log-probabilities are clamped here (a token of probability 0 is -inf)
@@ -36,6 +38,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     top_logprobs: int = 0  # also return the n most likely tokens and their log-probabilities at each step
+    # Decoding that keeps facts: the row cannot end (EOS, a stop token, one of `hold_ids`) before each phrase has
+    # appeared in its output; `max_new_tokens` still ends it. A phrase is given as its token spellings (any one of
+    # them, as a contiguous run of generated ids, counts).
+    must_include: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    hold_ids: tuple[int, ...] = ()  # more ids that would end the row (tokens whose text holds a stop string)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -48,6 +55,9 @@ class SamplingParams:
             ("repetition_penalty", lo <= self.repetition_penalty <= hi, f"must be in [{lo:g}, {hi:g}]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2^63)"),
             ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("must_include", len(self.must_include) <= MAX_MUST_INCLUDE, f"at most {MAX_MUST_INCLUDE} phrases"),
+            ("must_include", all(0 < len(p) <= MAX_SPELLINGS and all(p) for p in self.must_include),
+             f"every phrase needs 1 to {MAX_SPELLINGS} spellings of at least one token"),
         ]
         for name, ok, msg in checks:
             if not ok:
@@ -59,6 +69,16 @@ class SamplingParams:
         return not self.do_sample or self.temperature < MIN_TEMPERATURE
 
 
+def phrase_spellings(tokenizer, phrases: list[list[str]]) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """`SamplingParams.must_include` from phrases (each a list of alternatives): every alternative as it tokenises
+    alone and after a space, without special tokens."""
+    out = []
+    for alternatives in phrases:
+        forms = {tuple(tokenizer(v, add_special_tokens=False)["input_ids"]) for a in alternatives for v in (a, " " + a)}
+        out.append(tuple(sorted(f for f in forms if f)))
+    return tuple(out)
+
+
 @dataclass
 class RowSampler:
     """The sampling state of one running row."""
@@ -66,15 +86,37 @@ class RowSampler:
     params: SamplingParams
     generator: torch.Generator | None = None
     seen: list[int] = field(default_factory=list)  # prompt + generated ids, for the repetition penalty
+    pending: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)  # must_include phrases not yet seen
+    held: torch.Tensor | None = None  # ids that would end the row, masked while a phrase is pending
+    generated: list[int] = field(default_factory=list)  # the output so far (kept only while a phrase is pending)
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device) -> RowSampler:
-        """Make a row's sampler; a seeded generator only when the row samples."""
+    def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device,
+               eos_token_ids: frozenset[int] = frozenset()) -> RowSampler:
+        """Make a row's sampler; a seeded generator only when the row samples. `eos_token_ids`: the engine's,
+        held back (with the stop and hold ids) while a must_include phrase is pending."""
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
-        return cls(params, gen, list(prompt_ids) if params.repetition_penalty != 1.0 else [])
+        held = None
+        if params.must_include:
+            ids = set(params.stop_token_ids) | set(params.hold_ids) | (set() if params.ignore_eos else eos_token_ids)
+            held = torch.tensor(sorted(ids), dtype=torch.long, device=device) if ids else None
+        return cls(params, gen, list(prompt_ids) if params.repetition_penalty != 1.0 else [],
+                   list(params.must_include), held)
+
+    def observe(self, token: int) -> None:
+        """Note a chosen token: the repetition penalty's history, and which must_include phrases it completes."""
+        if self.params.repetition_penalty != 1.0:
+            self.seen.append(token)
+        if self.pending:
+            self.generated.append(token)
+            g = self.generated
+            self.pending = [p for p in self.pending if not any(len(sp) <= len(g) and tuple(g[-len(sp):]) == sp
+                                                               for sp in p)]
+            if not self.pending:
+                self.generated = []
 
 
 @dataclass
@@ -129,15 +171,18 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Choi
     most likely tokens (empty for rows that did not ask); a row that cannot choose gets `error` instead.
 
     Log-probabilities are of the distribution the row chooses from before temperature and truncation: the model's
-    own (after the repetition penalty), as TGI's details and OpenAI's logprobs report them, clamped at
-    LOGPROB_FLOOR.
+    own (after the repetition penalty, and with the ending tokens removed while a must_include phrase is pending),
+    as TGI's details and OpenAI's logprobs report them, clamped at LOGPROB_FLOOR.
     """
     logits = logits.float()
     penalised = [i for i, s in enumerate(samplers) if s.params.repetition_penalty != 1.0]
-    if penalised:
+    holding = [i for i, s in enumerate(samplers) if s.pending and s.held is not None]
+    if penalised or holding:
         logits = logits.clone()
         for i in penalised:
             logits[i] = _penalise(logits[i], samplers[i].seen, samplers[i].params.repetition_penalty)
+        for i in holding:  # a phrase the row must say is still missing: it may not end yet
+            logits[i, samplers[i].held] = -math.inf
     tokens = logits.argmax(dim=-1).tolist()
     choices = [Choice() for _ in samplers]
     for i, s in enumerate(samplers):
@@ -158,6 +203,5 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Choi
         if s.params.top_logprobs:
             vals, ids = logsoftmax[i].topk(s.params.top_logprobs)
             c.top = tuple((t, max(v, LOGPROB_FLOOR)) for t, v in zip(ids.tolist(), vals.tolist()))
-        if s.params.repetition_penalty != 1.0:
-            s.seen.append(c.token)
+        s.observe(c.token)
     return choices

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from trainer.data import Example
@@ -55,3 +56,32 @@ def test_non_e2e_inputs_have_no_slot_error_rate(make_model):
 def test_ter_counts_edits_against_the_closest_reference():
     assert corpus_ter(["a b c d"], [["a b c d"]]) == 0.0
     assert corpus_ter(["a b c d"], [["A B X D", "q r s t"]]) == 0.25  # one substitution in four words, any case
+
+
+def test_mr_phrases_give_one_phrase_list_per_attribute():
+    from trainer.slots import mr_phrases
+
+    ph = mr_phrases("name : The Eagle | Type : pub | food : Fast food | price : less than £20 | "
+                    "customer rating : 5 out of 5 | area : riverside | family friendly : no | near : Burger King")
+    assert ph[0] == ["The Eagle"] and ph[1] == ["pub"] and ph[2] == ["Fast food", "fast food"]
+    assert "cheap" in ph[3] and "less than £20" in ph[3]  # the numeric and word forms of one scale point
+    assert "5 out of 5" in ph[4] and "riverside" in ph[5] and "not family" in ph[6] and ph[7] == ["Burger King"]
+    assert all(1 <= len(p) <= 8 for p in ph)  # the server's limit of alternatives
+
+
+def test_must_include_holds_the_stop_until_the_mr_is_said(make_model):
+    loaded = make_model("llama")
+    tok = loaded.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("name : Alpha | food : French\n", "name : Beta | area : riverside\n")]
+    stops = stop_token_ids(tok) | set(range(0, loaded.spec.vocab_size, 2))  # half the vocabulary ends a row
+    free = decode_greedy(loaded, prompts, None, stops, 8, progress=False)
+    assert any(len(ids) < 8 for ids in free)  # the even ids end the unconstrained rows early
+    phrases = [[["zebra quantum"]], [["zebra quantum"], ["riverside"]]]  # never said by a random model
+    held = decode_greedy(loaded, prompts, None, stops, 8, progress=False, must_include=phrases)
+    assert all(len(ids) == 8 and not stops & set(ids) for ids in held)
+    r = evaluate(loaded, loaded.model, None, E2E, num_beams=1, max_new_tokens=4, progress=False, use_java=False,
+                 must_include=True)
+    assert r["must_include"] is True
+    with pytest.raises(ValueError, match="greedy"):
+        evaluate(loaded, loaded.model, None, E2E, num_beams=2, max_new_tokens=4, progress=False, use_java=False,
+                 must_include=True)
