@@ -80,10 +80,7 @@ def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tenso
     """Greedy outputs (stop token excluded) of every prompt, decoded by the server's engine in one continuously
     batched run: what a client sending these prompts with greedy settings would get. `must_include`: per prompt,
     the phrases (each a list of alternatives) the output must say before it may stop, as the API's parameter."""
-    # the engine's thread writes into the buffers made here: they must be normal tensors even when the caller
-    # decodes under torch.inference_mode() (the quantised runner's cache would otherwise refuse the writes)
-    with torch.inference_mode(False):
-        engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, max_queue=max(len(prompts), 1)))
+    engine = Engine(loaded, EngineConfig(max_batch_size=max_batch_size, max_queue=max(len(prompts), 1)))
     params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(sorted(stops)))
     prefix = engine_prefix(kv)
     engine.start()

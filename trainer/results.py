@@ -40,11 +40,16 @@ def _machine(s: dict) -> str:
     return f"{m['cpu']}, {m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}" if m else "-"
 
 
+def _load(run_dir: str, eval_dir: str) -> tuple[dict, dict]:
+    """An evaluation's metrics.json and its run's summary.json ({} for '-', rows without training)."""
+    ev = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    return ev, json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir != "-" else {}
+
+
 def row(label: str, run_dir: str, eval_dir: str) -> str:
     """One markdown table row from a run and its evaluation."""
-    ev = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    ev, s = _load(run_dir, eval_dir)
     m = ev["metrics"]
-    s = json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir != "-" else {}
     trained = f"{100 * s['trained_share']:.3f}%" if s else "0"
     stored = f"{100 * s['stored_share']:.4f}%" if s else "0"
     return (f"| {label} | {_fmt(m['BLEU'], 100, 1)} | {_fmt(m['NIST'])} | {_fmt(m['METEOR'], 100, 1)} | "
@@ -54,7 +59,8 @@ def row(label: str, run_dir: str, eval_dir: str) -> str:
 
 def _decoding(ev: dict) -> str:
     dec = "greedy" if ev["num_beams"] == 1 else f"beam {ev['num_beams']}"
-    return dec + (", q4" if ev.get("quantization") == "q4" else "") + (", must_include" if ev.get("must_include") else "")
+    q4 = ", q4" if ev.get("quantization") == "q4" else ""
+    return dec + q4 + (", must_include" if ev.get("must_include") else "")
 
 
 GROUP_METRICS = (("BLEU", 100, 1), ("METEOR", 100, 1), ("TER", 100, 1))
@@ -62,8 +68,7 @@ GROUP_METRICS = (("BLEU", 100, 1), ("METEOR", 100, 1), ("TER", 100, 1))
 
 def group_row(label: str, run_dir: str, eval_dir: str) -> str:
     """One row of a --groups table: BLEU, METEOR, TER over all inputs, then over each group (sorted by name)."""
-    ev = json.loads((Path(eval_dir) / "metrics.json").read_text())
-    s = json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir != "-" else {}
+    ev, s = _load(run_dir, eval_dir)
     cells = []
     for part in [ev, *(ev.get("groups", {})[g] for g in sorted(ev.get("groups", {})))]:
         m = part["metrics"]
@@ -80,12 +85,17 @@ def group_table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
     head = ("| system | " + " | ".join(f"{n}: {k}" + (" (inputs)" if k == "BLEU" else "")
                                        for n in names for k, _, _ in GROUP_METRICS)
             + " | training | machine | decoding |\n|" + "---|" * (3 * len(names) + 4))
-    new = {label: group_row(label, run, e) for label, run, e in rows}
-    return "\n".join([head, *[new.pop(_label(line), line) for line in kept], *new.values()])
+    return "\n".join([head, *_merge(kept, {label: group_row(label, run, e) for label, run, e in rows})])
 
 
 def _label(line: str) -> str:
     return line.split("|")[1].strip()
+
+
+def _merge(kept: list[str], new: dict[str, str]) -> list[str]:
+    """The kept rows, each replaced by the new row of its label, then the other new rows."""
+    new = dict(new)
+    return [new.pop(_label(line), line) for line in kept] + list(new.values())
 
 
 def table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
@@ -93,8 +103,7 @@ def table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
     paper's rows for context."""
     head = ("| system | BLEU | NIST | METEOR | ROUGE-L | CIDEr | SER % | params trained | params stored | training | "
             "machine | decoding, test MRs |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    new = {label: row(label, run, ev) for label, run, ev in rows}
-    ours = [new.pop(_label(line), line) for line in kept] + list(new.values())
+    ours = _merge(kept, {label: row(label, run, ev) for label, run, ev in rows})
     paper = [f"| {p[0]} | {p[1]} | {p[2]} | {p[3]} | {p[4]} | {p[5]} | | | | | | beam 5, 630 MRs |" for p in PAPER]
     return "\n".join([head, *ours, *paper])
 

@@ -13,7 +13,7 @@ from server.api.deps import AppState, StateDep
 from server.api.errors import error_body, error_responses, to_api_error, validation
 from server.api.logprobs import tgi_top_tokens
 from server.api.schemas import (Details, GenerateRequest, GenerateResponse, InputToken, Parameters, StreamDetails,
-                                SSE, STREAMED, StreamResponse, TASK_REF_SCHEMA, Token, check_must_include,
+                                SSE, STREAMED, StreamResponse, TASK_REF_SCHEMA, Token, check_must_include, checked,
                                 tgi_params)
 from server.api.service import Generation, Started, StartedDep, run_or_cancel, start
 from server.tenants.namespaces import Caller
@@ -51,10 +51,7 @@ async def _start(state: AppState, caller: Caller, started: Started, body: Genera
     ids = await state.tokenizing.encode(body.inputs, truncate=p.truncate)
     if phrases:
         params.must_include, params.hold_ids = await state.tokenizing.must_include(phrases, stops)
-        try:
-            params.validate()
-        except ValueError as e:
-            raise validation(f"parameters.{e}") from None
+        checked(params)
     return await start(state, caller, started, pick_task(query_task, p.adapter_id), ids, params, stops, route)
 
 

@@ -154,6 +154,11 @@ def sampling_params(max_new_tokens: int | None, default_max: int, *, do_sample: 
         seed=seed, ignore_eos=bool(ignore_eos), top_logprobs=top_logprobs or 0)
     if sp.do_sample and sp.seed is None:
         sp.seed = secrets.randbits(63)  # drawn here so the response can report it (TGI's details.seed)
+    return checked(sp, prefix)
+
+
+def checked(sp: SamplingParams, prefix: str = "parameters.") -> SamplingParams:
+    """`sp`, validated: a refused value is a 422 naming its field."""
     try:
         sp.validate()
     except ValueError as e:

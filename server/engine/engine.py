@@ -64,7 +64,10 @@ class Engine:
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.eos_token_ids = frozenset(eos)
-        self.runner = make_runner(loaded, self.config, self.max_seq_len)  # what differs per model kind
+        # the engine thread writes into the buffers made here, so they must be normal tensors even when the caller
+        # builds the engine under torch.inference_mode() (the quantised runner's cache would refuse the writes)
+        with torch.inference_mode(False):
+            self.runner = make_runner(loaded, self.config, self.max_seq_len)  # what differs per model kind
         # why LoRA rows cannot be served here (None: they can): a runner serves them if it has LoRA layers
         self.lora_refusal = None if getattr(self.runner, "lora_layers", None) is not None else (
             getattr(self.runner, "lora_refusal", None) or

@@ -85,10 +85,10 @@ class RowSampler:
 
     params: SamplingParams
     generator: torch.Generator | None = None
-    seen: list[int] = field(default_factory=list)  # prompt + generated ids, for the repetition penalty
+    seen: list[int] = field(default_factory=list)  # prompt + chosen ids, kept while the penalty or a phrase needs them
     pending: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)  # must_include phrases not yet seen
     held: torch.Tensor | None = None  # ids that would end the row, masked while a phrase is pending
-    generated: list[int] = field(default_factory=list)  # the output so far (kept only while a phrase is pending)
+    prompt_len: int = 0  # where the output starts in `seen` (a phrase counts only within the output)
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device,
@@ -103,20 +103,21 @@ class RowSampler:
         if params.must_include:
             ids = set(params.stop_token_ids) | set(params.hold_ids) | (set() if params.ignore_eos else eos_token_ids)
             held = torch.tensor(sorted(ids), dtype=torch.long, device=device) if ids else None
-        return cls(params, gen, list(prompt_ids) if params.repetition_penalty != 1.0 else [],
-                   list(params.must_include), held)
+        keep = params.repetition_penalty != 1.0 or bool(params.must_include)
+        return cls(params, gen, list(prompt_ids) if keep else [], list(params.must_include), held, len(prompt_ids))
 
     def observe(self, token: int) -> None:
         """Note a chosen token: the repetition penalty's history, and which must_include phrases it completes."""
-        if self.params.repetition_penalty != 1.0:
-            self.seen.append(token)
+        if self.params.repetition_penalty == 1.0 and not self.pending:
+            return
+        s = self.seen
+        s.append(token)
         if self.pending:
-            self.generated.append(token)
-            g = self.generated
-            self.pending = [p for p in self.pending if not any(len(sp) <= len(g) and tuple(g[-len(sp):]) == sp
+            n = len(s) - self.prompt_len
+            self.pending = [p for p in self.pending if not any(len(sp) <= n and tuple(s[-len(sp):]) == sp
                                                                for sp in p)]
-            if not self.pending:
-                self.generated = []
+            if not self.pending and self.params.repetition_penalty == 1.0:
+                self.seen = []  # nothing reads it any more
 
 
 @dataclass

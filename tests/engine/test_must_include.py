@@ -77,6 +77,17 @@ def test_sampler_tracks_phrases_over_tokens():
     assert choose_tokens(logits, [s])[0].token == 1  # all said: it may end
 
 
+def test_a_phrase_counts_only_within_the_output():
+    """The prompt ends with the phrase's first token: the output's first token does not complete it; the output's own
+    run does. The repetition penalty's history is the prompt and the output together."""
+    p = SamplingParams(max_new_tokens=8, must_include=(((3, 4),),), repetition_penalty=1.5)
+    s = RowSampler.create(p, [0, 3], torch.device("cpu"))
+    for tok, pending in [(4, 1), (3, 1), (4, 0)]:
+        s.observe(tok)
+        assert len(s.pending) == pending
+    assert s.seen == [0, 3, 4, 3, 4]
+
+
 def test_validation_and_spellings():
     with pytest.raises(ValueError, match="must_include"):
         SamplingParams(must_include=((),)).validate()

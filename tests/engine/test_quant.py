@@ -251,6 +251,15 @@ def test_engine_rows_with_prefixes_equal_alone(q4, q4_prefixes, chunk):
     assert got == expected and max(sizes) == 5
 
 
+def test_an_engine_built_under_inference_mode_decodes(q4, q4_prefixes):
+    """Built under the caller's torch.inference_mode() (as evaluation code builds it), the engine's buffers stay
+    normal tensors: its steps, run outside that mode, write them and decode what an engine built outside would."""
+    want = run_alone(Engine(q4), PROMPTS[0], q4_prefixes[0], 5)
+    with torch.inference_mode():
+        engine = Engine(q4)
+    assert run_alone(engine, PROMPTS[0], q4_prefixes[0], 5) == want
+
+
 def test_engine_logits_follow_the_reference_model_step_by_step(q4):
     """Along HF's greedy path on the dequantised weights, the quantised engine's logits stay within a few percent of
     HF's, and its choice equals HF's wherever HF's top two differ by more than that."""
