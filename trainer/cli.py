@@ -77,7 +77,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantization", choices=("none", "q4"), default="none",
                    help="none: the exact fp32 mode; q4: decode as the server's quantised mode does (the embedded "
-                        "model's 4-bit GGUF weights through the server's kernels; greedy, prefixes or no task)")
+                        "model's 4-bit GGUF weights through the server's kernels; greedy; a prefix, a LoRA adapter "
+                        "or no task)")
     p.add_argument("--must-include", action="store_true", help="E2E, greedy: each output must say a phrase for "
                    "every attribute of its MR before it may stop (the server's parameters.must_include)")
     p.add_argument("--swap-values", action="store_true", help="E2E: score the split with each MR's venue type and "
@@ -152,9 +153,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import DEFAULT_INSTRUCTION, evaluate, load_prefix
 
     if args.quantization == "q4":
-        if args.lora or args.finetuned or args.beams != 1:
-            raise SystemExit("--quantization q4 decodes greedily (--beams 1) with a prefix or no task: it takes "
-                             "neither --lora nor --finetuned")
+        if args.finetuned or args.beams != 1:
+            raise SystemExit("--quantization q4 decodes greedily (--beams 1) with a prefix, a LoRA adapter or no "
+                             "task, on the base model's quantised weights: it does not take --finetuned")
         from server.engine.quant_runner import load_quantized
 
         loaded = load_quantized(args.model)
@@ -166,6 +167,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, kv = loaded.model, None
     if args.prefix:
         kv = load_prefix(args.prefix, loaded)
+    elif args.lora and loaded.quantization == "q4":  # served as the server serves it: a LoRA row, not merged
+        from trainer.evaluate import load_lora
+
+        kv = load_lora(args.lora, loaded)
     elif args.lora:
         from peft import PeftModel
 

@@ -17,6 +17,7 @@ from basemodel.model import LoadedModel
 from prefix_store.artifact import load_dir, validate
 from server.engine.engine import Engine, EngineConfig
 from server.engine.device_prefix import DevicePrefix
+from server.engine.lora import DeviceLora
 from server.engine.sampling import SamplingParams, phrase_spellings
 from trainer.data import Example, group_references, prompt_for
 from trainer.generate import generate, stop_token_ids
@@ -63,10 +64,20 @@ def select_inputs(examples: list[Example], max_inputs: int, seed: int) -> tuple[
     return inputs, refs
 
 
-def engine_prefix(kv: torch.Tensor | Seq2SeqPrefix | None) -> DevicePrefix | None:
-    """The prefix as the engine takes it (unpinned: nothing releases it to a cache)."""
-    if kv is None:
-        return None
+def load_lora(path: str | Path, loaded: LoadedModel) -> DeviceLora:
+    """A PEFT LoRA adapter directory as the engine serves it: a LoRA row beside the frozen (possibly quantised)
+    weights, never merged; validated against the model as an upload is."""
+    from basemodel.convert import artifact_from_files
+    from prefix_store.peft_io import read_dir
+
+    art = artifact_from_files(read_dir(path), loaded)
+    return DeviceLora.from_artifact(art.manifest.sha256, art, loaded.device, loaded.dtype)
+
+
+def engine_prefix(kv: torch.Tensor | Seq2SeqPrefix | DeviceLora | None) -> DevicePrefix | DeviceLora | None:
+    """The task as the engine takes it (a prefix unpinned: nothing releases it to a cache)."""
+    if kv is None or isinstance(kv, DeviceLora):
+        return kv
     if isinstance(kv, Seq2SeqPrefix):
         t = kv.tensors
         return DevicePrefix("eval", t.get("kv"), encoder_kv=t.get("encoder_kv"), cross_kv=t.get("cross_kv"),
@@ -74,7 +85,7 @@ def engine_prefix(kv: torch.Tensor | Seq2SeqPrefix | None) -> DevicePrefix | Non
     return DevicePrefix("eval", kv)
 
 
-def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tensor | Seq2SeqPrefix | None,
+def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tensor | Seq2SeqPrefix | DeviceLora | None,
                   stops: set[int], max_new_tokens: int = 64, max_batch_size: int = 64,
                   progress: bool = True, must_include: list[list[list[str]]] | None = None) -> list[list[int]]:
     """Greedy outputs (stop token excluded) of every prompt, decoded by the server's engine in one continuously
@@ -100,7 +111,7 @@ def decode_greedy(loaded: LoadedModel, prompts: list[list[int]], kv: torch.Tenso
     return outs
 
 
-def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPrefix | None,
+def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPrefix | DeviceLora | None,
              examples: list[Example], *,
              num_beams: int = 5, max_new_tokens: int = 64, max_inputs: int = 0, seed: int = 0,
              shots: list[Example] | None = None, instruction: str = "", out: str | Path | None = None,

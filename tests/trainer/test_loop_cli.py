@@ -11,7 +11,7 @@ from server.engine import kernels
 from prefix_store.artifact import load_dir, validate
 from trainer.data import DataSplits, Example
 from trainer.methods import MethodConfig
-from tests.tiny import save_tiny_model_dir
+from tests.tiny import save_lora_adapter, save_tiny_model_dir
 
 EX = [Example(f"name : N{i % 7} | food : F{i % 3}", f"N{i % 7} serves F{i % 3} food.") for i in range(30)]
 DATA = DataSplits(EX[:24], EX[24:], EX[24:], "toy format", "toy")
@@ -108,7 +108,7 @@ def test_cli_evaluate_decodes_as_the_quantised_server(tmp_path):
     from server.engine.quant_runner import load_quantized
     from trainer.cli import main
     from trainer.data import prompt_for
-    from trainer.evaluate import decode_greedy, load_prefix
+    from trainer.evaluate import decode_greedy, load_lora, load_prefix
     from trainer.generate import stop_token_ids
 
     model_dir = save_tiny_model_dir("llama", tmp_path / "m")
@@ -135,3 +135,20 @@ def test_cli_evaluate_decodes_as_the_quantised_server(tmp_path):
     with pytest.raises(SystemExit, match="greedily"):
         main(["evaluate", "--model", str(model_dir), "--data", str(data), "--prefix", str(tmp_path / "run"),
               "--quantization", "q4", "--beams", "2"])
+    # a LoRA adapter: decoded as the quantised server serves it, a LoRA row beside the 4-bit weights
+    lora = save_lora_adapter("llama", tmp_path / "lora", r=4, seed=3)
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--split", "valid", "--lora",
+                 str(lora), "--beams", "1", "--quantization", "q4", "--max-new-tokens", "6",
+                 "--out", str(tmp_path / "ev-lora")]) == 0
+    lrows = [json.loads(line) for line in (tmp_path / "ev-lora" / "predictions.jsonl").read_text().splitlines()]
+    row_lora, outs = load_lora(lora, q4), []
+    for row in lrows:
+        ids = q4.tokenizer(prompt_for(row["input"]))["input_ids"]
+        alone = decode_greedy(q4, [ids], row_lora, stops, 6, max_batch_size=1, progress=False)[0]
+        bare = decode_greedy(q4, [ids], None, stops, 6, max_batch_size=1, progress=False)[0]
+        assert row["output"] == q4.tokenizer.decode(alone, skip_special_tokens=True).strip()
+        outs.append(alone != bare)
+    assert any(outs)  # the adapter changes what the model says
+    with pytest.raises(SystemExit, match="--finetuned"):
+        main(["evaluate", "--model", str(model_dir), "--data", str(data), "--finetuned", str(model_dir),
+              "--quantization", "q4", "--beams", "1"])
