@@ -1,7 +1,7 @@
 """Build docs/results.md from training run directories (summary.json) and evaluations (metrics.json).
 
 Usage: python -m trainer.results --row LABEL RUN_DIR EVAL_DIR [--row ...] --out docs/results.md [--update]
-                                 [--table NAME] [--groups]
+                                 [--table NAME] [--groups] [--plot PNG]
        python -m trainer.results --manifest ARTIFACT_DIR --score LABEL EVAL_DIR [--score ...]
 RUN_DIR may be '-' for rows without training (the untuned model). Only measured numbers are written; the paper's
 GPT-2 medium numbers are printed beside them for context. With --update, the rows already in --out stay (a row with
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -108,6 +109,43 @@ def table(rows: list[tuple[str, str, str]], kept: list[str] = ()) -> str:
     return "\n".join([head, *ours, *paper])
 
 
+def system_of(label: str) -> str:
+    """A row's system: its label without a trailing "seed N" (rows of one system, several seeds)."""
+    return re.sub(r",?\s*seed \d+$", "", label)
+
+
+def plot(rows: list[tuple[str, str, str]], png: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """BLEU and SER of each system as a PNG: one dot per row (seed), a bar at the systems' mean. Returns the
+    (BLEU, SER) points per system, in percent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, list[tuple[float, float]]] = {}
+    for label, run_dir, eval_dir in rows:
+        m = _load(run_dir, eval_dir)[0]["metrics"]
+        ser = m.get("SER")  # None (not E2E): no dot
+        points.setdefault(system_of(label), []).append((100 * m["BLEU"], float("nan") if ser is None else 100 * ser))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.6 * len(points) + 1.6), sharey=True)
+    for k, (ax, name) in enumerate(zip(axes, ("BLEU", "slot error rate (%)"))):
+        for y, pts in enumerate(points.values()):
+            vals = [p[k] for p in pts if p[k] == p[k]]
+            if not vals:
+                continue
+            ax.scatter(vals, [y] * len(vals), color="C0", zorder=3)
+            ax.plot([sum(vals) / len(vals)] * 2, [y - 0.3, y + 0.3], color="C1", linewidth=2)
+        ax.set_xlabel(name + (" (higher is better)" if k == 0 else " (lower is better)"))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(points)), list(points))
+    axes[0].invert_yaxis()
+    fig.suptitle("dots: one run (seed) each; bars: their mean", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return points
+
+
 def record_scores(artifact_dir: str | Path, evals: list[tuple[str, str]]) -> dict:
     """Write evaluations into an artifact's manifest (`extra.scores`, keyed by label: metrics, slot errors, groups,
     decoding, inputs); the tensors and their hash are untouched. Returns the scores written."""
@@ -132,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--groups", action="store_true", help="BLEU, METEOR, TER over all inputs and per group")
     ap.add_argument("--manifest", help="instead: write --score evaluations into this artifact directory's manifest")
     ap.add_argument("--score", nargs=2, action="append", metavar=("LABEL", "EVAL_DIR"), default=[])
+    ap.add_argument("--plot", metavar="PNG", help="also draw the --row systems' BLEU and SER (rows whose labels end "
+                                                  "in 'seed N' as one system) into this PNG")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot([tuple(r) for r in args.row], args.plot)
     if args.manifest:
         print(json.dumps(record_scores(args.manifest, [tuple(x) for x in args.score]), indent=1))
         return 0

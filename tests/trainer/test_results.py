@@ -89,3 +89,23 @@ def test_named_tables_and_group_tables(tmp_path):
     with pytest.raises(SystemExit):  # no such markers: refused, the file unchanged
         main(["--row", "w", "-", str(ev), "--out", str(out), "--table", "nope"])
     assert out.read_text() == text
+
+
+def test_plot_groups_seeds_of_one_system(tmp_path):
+    from trainer.results import plot, system_of
+
+    assert system_of("low data: prefix-tuning, seed 1") == "low data: prefix-tuning" == system_of(
+        "low data: prefix-tuning seed 12")
+    assert system_of("prefix, 700 steps") == "prefix, 700 steps"
+    rows = []
+    for i, (bleu, ser) in enumerate([(0.5, 0.1), (0.6, 0.05), (0.4, 0.2)]):
+        ev = tmp_path / f"e{i}"
+        ev.mkdir()
+        (ev / "metrics.json").write_text(json.dumps({"metrics": {"BLEU": bleu, "NIST": 5.0, "METEOR": 0.3,
+                                                                 "ROUGE_L": 0.5, "CIDEr": 1.0, "SER": ser},
+                                                     "num_beams": 1, "inputs": 3}))
+        rows.append((["a, seed 0", "a, seed 1", "b"][i], "-", str(ev)))
+    png = tmp_path / "p.png"
+    assert main(["--plot", str(png), *[x for r in rows for x in ("--row", *r)]]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot(rows, png) == {"a": [(50.0, 10.0), (60.0, 5.0)], "b": [(40.0, 20.0)]}
