@@ -27,6 +27,7 @@ from prefix_store.peft_io import read_dir
 from server.engine.device_prefix import DevicePrefix
 from server.engine.engine import Engine, EngineConfig, generate_sync
 from server.engine.sampling import SamplingParams
+from trainer.plots import saved_figure
 
 logger = logging.getLogger("bench")
 
@@ -156,12 +157,12 @@ def gemm_ceiling(loaded, rows: int, packed: bool = False) -> float:
 
 def plot(results: list[dict], peak: float, path: Path, dtype: str = "float32") -> None:
     """Bar chart of the four scenarios and the batch-size curve, per model."""
-    import matplotlib
+    with saved_figure(path, 2, len(results), dpi=110, figsize=(6 * len(results), 8), squeeze=False) as (fig, axes):
+        _draw(results, peak, dtype, fig, axes)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
+def _draw(results: list[dict], peak: float, dtype: str, fig, axes) -> None:
+    """The panels of `plot`: per model, the scenarios' bars over the batch-size curve."""
     for col, r in enumerate(results):
         keys = [k for k in ("engine_mixed", "engine_one_task", "peft_per_task", "peft_one_at_a_time") if k in r]
         labels = {"engine_mixed": "(i) engine\nmixed tasks", "engine_one_task": "(ii) engine\none task",
@@ -183,8 +184,6 @@ def plot(results: list[dict], peak: float, path: Path, dtype: str = "float32") -
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(f"prefixserve engine vs HF PEFT generate, {dtype} (fp32 matmul peak {peak / 1e9:.0f} GFLOP/s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

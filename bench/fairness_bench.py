@@ -34,7 +34,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.http_bench import MODELS, _pct, make_prompts
+from bench.common import percentile
+from bench.http_bench import MODELS, make_prompts
+from trainer.plots import pyplot, saved_figure
 
 logger = logging.getLogger("bench.fairness")
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +168,7 @@ def summary(xs: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for k in ("total", "ttft", "tpot"):
         vals = sorted(x[k] for x in xs)
-        out[f"{k}_p50_s"], out[f"{k}_p99_s"] = _pct(vals, 0.5), _pct(vals, 0.99)
+        out[f"{k}_p50_s"], out[f"{k}_p99_s"] = percentile(vals, 0.5), percentile(vals, 0.99)
     return out
 
 
@@ -203,24 +205,19 @@ def run_config(name: str, model_dir: Path, work: Path, args, scheduler: str, flo
 
 def plot(results: dict[str, dict], path: Path) -> None:
     """Light-tenant latency per request, unloaded and loaded, one panel per configuration."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib not installed: no plot")
+    if pyplot() is None:
+        logger.info("matplotlib not installed (pip install -e .[train]): no plot")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3), sharey=True, squeeze=False)
-    axes = axes[0]
-    for ax, (name, r) in zip(axes, results.items()):
-        ax.plot(r["light_unloaded_s"], "o-", ms=3, label="unloaded")
-        ax.plot(r["light_loaded_s"], "o-", ms=3, label="flooded")
-        ax.set_title(f"{name}: p99 x{r['p99_ratio']:.2f}")
-        ax.set_xlabel("light request #")
-    axes[0].set_ylabel("latency (s)")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with saved_figure(path, 1, len(results), dpi=110, figsize=(4 * len(results), 3), sharey=True,
+                      squeeze=False) as (_, axes):
+        axes = axes[0]
+        for ax, (name, r) in zip(axes, results.items()):
+            ax.plot(r["light_unloaded_s"], "o-", ms=3, label="unloaded")
+            ax.plot(r["light_loaded_s"], "o-", ms=3, label="flooded")
+            ax.set_title(f"{name}: p99 x{r['p99_ratio']:.2f}")
+            ax.set_xlabel("light request #")
+        axes[0].set_ylabel("latency (s)")
+        axes[0].legend()
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from bench.peer_workload import (SERVERS, e2e_prompts, level_jobs, mixed_jobs, r
                                  table, webnlg_prompts)
 from tests.api.conftest import free_port, wait_until_up
 from trainer.data import data_dir
+from trainer.plots import pyplot, saved_figure
 
 logger = logging.getLogger("bench.peer")
 REPO = Path(__file__).resolve().parents[1]
@@ -170,15 +171,15 @@ def run_case(peers: dict[str, Peer], jobs: list[tuple[str | None, str]], rounds:
 
 def plot(results: dict, levels: list[int], path: Path, title: str) -> None:
     """tokens/s and TTFT p50 against concurrency, both servers (median, every run as a dot)."""
-    try:
-        import matplotlib
-    except ImportError:
+    if pyplot() is None:
         logger.info("matplotlib not installed (pip install -e .[train]): no plot")
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with saved_figure(path, 1, 2, dpi=110, figsize=(11, 4.2)) as (fig, axes):
+        _draw(results, levels, title, fig, axes)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+
+def _draw(results: dict, levels: list[int], title: str, fig, axes) -> None:
+    """The panels of `plot`: tokens/s and TTFT p50 against concurrency."""
     for ax, key, label in ((axes[0], "tokens_per_s", "generated tokens/s"), (axes[1], "ttft_p50_s", "TTFT p50 (s)")):
         for name, style in zip(SERVERS, ("o-", "s--")):
             cases = [results[f"c{n}"][name] for n in levels]
@@ -192,9 +193,6 @@ def plot(results: dict, levels: list[int], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
 
 
 def main() -> None:

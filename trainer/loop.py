@@ -27,6 +27,7 @@ from prefix_store.peft_io import export_peft, write_dir
 from trainer.data import DataSplits, Example, prompt_for
 from trainer.e2e_data import fix_mrs, swap_values
 from trainer.methods import PREFIX_METHODS, MethodConfig, TaskModel, parameter_counts
+from trainer.plots import saved_figure
 from trainer.seq2seq import Seq2SeqTaskModel, collate_seq2seq, encode_seq2seq, seq2seq_loss
 from trainer.slots import is_e2e_input
 
@@ -342,22 +343,14 @@ def make_artifact(task: nn.Module, data: DataSplits, summary: dict) -> PrefixArt
 
 def plot_losses(metrics_file: Path, png: Path) -> None:
     """Training and validation loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train")
-    if va:
-        ax.plot(*zip(*va), marker="o", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    with saved_figure(png, figsize=(6, 4)) as (_, ax):
+        if tr:
+            ax.plot(*zip(*tr), label="train")
+        if va:
+            ax.plot(*zip(*va), marker="o", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from prefix_store.artifact import load_dir, save_dir
+from trainer.plots import saved_figure
 
 PAPER = [  # Li & Liang (2021), Table 1, E2E test, GPT-2 medium (full E2E training set)
     ("paper: prefix-tuning, GPT-2 medium", 69.7, 8.81, 46.1, 71.4, 2.49),
@@ -117,32 +118,24 @@ def system_of(label: str) -> str:
 def plot(rows: list[tuple[str, str, str]], png: str | Path) -> dict[str, list[tuple[float, float]]]:
     """BLEU and SER of each system as a PNG: one dot per row (seed), a bar at the systems' mean. Returns the
     (BLEU, SER) points per system, in percent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points: dict[str, list[tuple[float, float]]] = {}
     for label, run_dir, eval_dir in rows:
         m = _load(run_dir, eval_dir)[0]["metrics"]
         ser = m.get("SER")  # None (not E2E): no dot
         points.setdefault(system_of(label), []).append((100 * m["BLEU"], float("nan") if ser is None else 100 * ser))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.6 * len(points) + 1.6), sharey=True)
-    for k, (ax, name) in enumerate(zip(axes, ("BLEU", "slot error rate (%)"))):
-        for y, pts in enumerate(points.values()):
-            vals = [p[k] for p in pts if p[k] == p[k]]
-            if not vals:
-                continue
-            ax.scatter(vals, [y] * len(vals), color="C0", zorder=3)
-            ax.plot([sum(vals) / len(vals)] * 2, [y - 0.3, y + 0.3], color="C1", linewidth=2)
-        ax.set_xlabel(name + (" (higher is better)" if k == 0 else " (lower is better)"))
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(points)), list(points))
-    axes[0].invert_yaxis()
-    fig.suptitle("dots: one run (seed) each; bars: their mean", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    with saved_figure(png, 1, 2, figsize=(9, 0.6 * len(points) + 1.6), sharey=True) as (fig, axes):
+        for k, (ax, name) in enumerate(zip(axes, ("BLEU", "slot error rate (%)"))):
+            for y, pts in enumerate(points.values()):
+                vals = [p[k] for p in pts if p[k] == p[k]]
+                if not vals:
+                    continue
+                ax.scatter(vals, [y] * len(vals), color="C0", zorder=3)
+                ax.plot([sum(vals) / len(vals)] * 2, [y - 0.3, y + 0.3], color="C1", linewidth=2)
+            ax.set_xlabel(name + (" (higher is better)" if k == 0 else " (lower is better)"))
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(range(len(points)), list(points))
+        axes[0].invert_yaxis()
+        fig.suptitle("dots: one run (seed) each; bars: their mean", fontsize=9)
     return points
 
 
