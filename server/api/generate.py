@@ -16,6 +16,7 @@ from server.api.schemas import (Details, GenerateRequest, GenerateResponse, Inpu
                                 SSE, STREAMED, StreamResponse, TASK_REF_SCHEMA, Token, check_must_include, checked,
                                 tgi_params)
 from server.api.service import Generation, Started, StartedDep, run_or_cancel, start
+from server.engine.sampling import SamplingParams
 from server.tenants.namespaces import Caller
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,26 @@ def pick_task(query_task: str | None, adapter_id: str | None) -> str | None:
     return query_task or adapter_id or None
 
 
+async def with_phrases(state: AppState, params: list[SamplingParams], phrases: list[list[str]], stops: list[str],
+                       prefix: str) -> None:
+    """Give each SamplingParams the must_include phrases (checked by `check_must_include`) as the tokenizer spells
+    them, and the ids that hold a stop string (a row may not end on them before its phrases appear); a value the
+    engine refuses is a 422 naming `prefix`must_include."""
+    if not phrases:
+        return
+    spellings, hold = await state.tokenizing.must_include(phrases, stops)
+    for sp in params:
+        sp.must_include, sp.hold_ids = spellings, hold
+        checked(sp, prefix)
+
+
 async def _start(state: AppState, caller: Caller, started: Started, body: GenerateRequest, query_task: str | None,
                  route: str) -> Generation:
     p = body.parameters or Parameters()
     params, stops = tgi_params(p, state.settings.max_new_tokens_default)
     phrases = check_must_include(p.must_include, "parameters.must_include")
     ids = await state.tokenizing.encode(body.inputs, truncate=p.truncate)
-    if phrases:
-        params.must_include, params.hold_ids = await state.tokenizing.must_include(phrases, stops)
-        checked(params)
+    await with_phrases(state, [params], phrases, stops, "parameters.")
     return await start(state, caller, started, pick_task(query_task, p.adapter_id), ids, params, stops, route)
 
 

@@ -14,10 +14,10 @@ from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 from server.api.auth import AuthenticatedRoute, CallerDep
 from server.api.deps import AppState, StateDep
 from server.api.errors import APIError, error_responses, openai_error_body, to_api_error, validation
-from server.api.generate import stream_response
+from server.api.generate import stream_response, with_phrases
 from server.api.logprobs import MAX_COMPLETION_LOGPROBS, chat_logprobs, chat_top, completion_logprobs, completion_top
-from server.api.schemas import (MAX_STOP_SEQUENCES, NON_EMPTY, SEED, STREAMED, TOP_P, Lenient, check_stops,
-                                sampling_params)
+from server.api.schemas import (MAX_STOP_SEQUENCES, NON_EMPTY, REPETITION_PENALTY, SEED, STREAMED, TOP_P, Lenient,
+                                check_must_include, check_stops, must_include_field, sampling_params)
 from prefix_store.base import InvalidTaskName, split_task_ref
 from server.api.service import Generation, StartedDep, TokenOut, run_or_cancel, start_many, visible_tasks
 from server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
@@ -54,6 +54,11 @@ class _Common(Lenient):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = Field(None, description="Keep generating after the EOS token (vLLM's extension)")
+    top_k: int | None = Field(None, description="Keep the k most likely tokens (vLLM's extension; 0 or -1: off)",
+                              json_schema_extra={"minimum": -1})
+    repetition_penalty: float | None = Field(None, description="HF repetition penalty, 1 = off (vLLM's extension)",
+                                             json_schema_extra=REPETITION_PENALTY)
+    must_include: list[str | list[str]] | None = must_include_field()
     # accepted with neutral values only
     presence_penalty: float | None = Field(None, json_schema_extra={"enum": [0, None]})
     frequency_penalty: float | None = Field(None, json_schema_extra={"enum": [0, None]})
@@ -139,22 +144,27 @@ def _task(state: AppState, model: str) -> str | None:
 
 
 def _params(state: AppState, r: _Common, max_tokens: int | None,
-            top: int | None) -> tuple[list[SamplingParams], list[str]]:
-    """One SamplingParams per choice (choice i of a seeded sampling request uses seed + i); `top` alternatives
-    per token when logprobs were asked for."""
+            top: int | None) -> tuple[list[SamplingParams], list[str], list[list[str]]]:
+    """One SamplingParams per choice (choice i of a seeded sampling request uses seed + i), the stop strings and the
+    checked must_include phrases (`with_phrases` adds them once the prompts are tokenised); `top` alternatives per
+    token when logprobs were asked for."""
     _check_neutral(r)
+    if r.top_k is not None and r.top_k < -1:
+        raise validation("top_k: must be -1 or 0 (off) or a positive number of tokens")
     temperature = 1.0 if r.temperature is None else r.temperature
     base = sampling_params(max_tokens, state.settings.max_new_tokens_default, do_sample=temperature > 0,
-                           temperature=temperature, top_p=r.top_p, seed=r.seed, ignore_eos=r.ignore_eos,
+                           temperature=temperature, top_k=max(r.top_k or 0, 0), top_p=r.top_p,
+                           repetition_penalty=r.repetition_penalty, seed=r.seed, ignore_eos=r.ignore_eos,
                            top_logprobs=top, prefix="")
     stops = check_stops([r.stop] if isinstance(r.stop, str) else r.stop, "stop")
+    phrases = check_must_include(r.must_include, "must_include")
     out = []
     for i in range(r.n or 1):
         sp = SamplingParams(**{**base.__dict__})
         if sp.do_sample and sp.seed is not None:
             sp.seed = (sp.seed + i) % 2**63
         out.append(sp)
-    return out, stops
+    return out, stops, phrases
 
 
 async def _prompts(state: AppState, prompt: Any) -> list[list[int]]:
@@ -234,8 +244,9 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         raise validation("suffix: not supported by this server")
     task = _task(state, body.model)
     top = completion_top(body.logprobs)
-    params, stops = _params(state, body, body.max_tokens, top)
+    params, stops, phrases = _params(state, body, body.max_tokens, top)
     prompts = await _prompts(state, body.prompt)
+    await with_phrases(state, params, phrases, stops, "")
     jobs = [(task, ids, sp, stops) for ids in prompts for sp in params]
     gens = await start_many(state, caller, started, jobs, "v1_completions")
     echo = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in params]
@@ -279,8 +290,9 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep,
     """OpenAI chat completions for models with a chat template; `model` is the task."""
     task = _task(state, body.model)
     top = chat_top(body.logprobs, body.top_logprobs)
-    params, stops = _params(state, body, body.max_completion_tokens or body.max_tokens, top)
+    params, stops, phrases = _params(state, body, body.max_completion_tokens or body.max_tokens, top)
     ids = await _chat_prompt(state, body.messages)
+    await with_phrases(state, params, phrases, stops, "")
     jobs = [(task, ids, sp, stops) for sp in params]
     gens = await start_many(state, caller, started, jobs, "v1_chat")
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),

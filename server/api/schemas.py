@@ -38,6 +38,17 @@ MUST_INCLUDE_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_MUST_INC
 STREAMED = {200: {"content": SSE, "description": "JSON, or server-sent events when the body asks to stream"}}
 
 
+def must_include_field() -> Any:
+    """The `must_include` field of the TGI `parameters` and of the OpenAI bodies (one definition, one schema)."""
+    return Field(
+        None, description="Phrases the output must say before it may end: each a string, or a list of "
+        "alternatives of which one counts. Until each has appeared, EOS, stop tokens and tokens holding a stop "
+        "string are not chosen; the token limit still ends the output (prefixserve extension)",
+        json_schema_extra={"maxItems": MAX_MUST_INCLUDE, "items": {"anyOf": [
+            MUST_INCLUDE_TEXT, {"type": "array", "minItems": 1, "maxItems": MAX_ALTERNATIVES,
+                                "items": MUST_INCLUDE_TEXT}]}})
+
+
 class Lenient(BaseModel):
     """Ignores unknown fields; refuses NaN and infinity."""
 
@@ -67,13 +78,7 @@ class Parameters(Lenient):
     adapter_id: str | None = Field(None, description="The task (LoRAX's name for it); same as ?task=",
                                    json_schema_extra=TASK_REF_SCHEMA)
     ignore_eos_token: bool | None = Field(None, description="Keep generating after the EOS token")
-    must_include: list[str | list[str]] | None = Field(
-        None, description="Phrases the output must say before it may end: each a string, or a list of "
-        "alternatives of which one counts. Until each has appeared, EOS, stop tokens and tokens holding a stop "
-        "string are not chosen; max_new_tokens still ends the output (prefixserve extension)",
-        json_schema_extra={"maxItems": MAX_MUST_INCLUDE, "items": {"anyOf": [
-            MUST_INCLUDE_TEXT, {"type": "array", "minItems": 1, "maxItems": MAX_ALTERNATIVES,
-                                "items": MUST_INCLUDE_TEXT}]}})
+    must_include: list[str | list[str]] | None = must_include_field()
     # Accepted so clients can send them; only their neutral values are allowed.
     best_of: int | None = Field(None, json_schema_extra={"enum": [1, None]})
     typical_p: float | None = Field(None, json_schema_extra={"minimum": 1})

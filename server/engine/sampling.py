@@ -61,7 +61,7 @@ class SamplingParams:
         ]
         for name, ok, msg in checks:
             if not ok:
-                raise ValueError(f"{name} {msg}")
+                raise ValueError(f"{name}: {msg}")
 
     @property
     def greedy(self) -> bool:
