@@ -70,7 +70,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=0, help="untuned model: number of training examples in the prompt")
     p.add_argument("--instruction", default=None, help="untuned model: task description (default: a built-in one)")
     p.add_argument("--beams", type=int, default=5, help="1 = greedy (decoded by the server's engine, batched)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="greedy: rows the engine decodes at once")
+    p.add_argument("--max-batch-size", type=int, default=64,
+                   help="rows decoded at once: greedy, the engine's batch; beam search, the inputs whose beams "
+                        "share each step are this // beams")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-inputs", type=int, default=0, help="score a seeded random subset of distinct inputs")
     p.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ from server.engine.device_prefix import DevicePrefix
 from server.engine.lora import DeviceLora
 from server.engine.sampling import SamplingParams, phrase_spellings
 from trainer.data import Example, group_references, prompt_for
-from trainer.generate import generate, stop_token_ids
+from trainer.generate import generate, generate_many, stop_token_ids
 from trainer.metrics import corpus_ter, e2e_metrics
 from trainer.seq2seq import Seq2SeqPrefix, generate_seq2seq
 from trainer.slots import SlotReport, is_e2e_input, mr_phrases, slot_errors
@@ -117,7 +117,8 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
              shots: list[Example] | None = None, instruction: str = "", out: str | Path | None = None,
              progress: bool = True, use_java: bool | None = None, max_batch_size: int = 64,
              must_include: bool = False) -> dict:
-    """Decode and score (greedy through the engine, beam search one input at a time); writes predictions.jsonl
+    """Decode and score (greedy through the engine; beam search batched for decoder-only models, one input at a
+    time for BART); writes predictions.jsonl
     and metrics.json into `out` when given. E2E inputs also get the slot error rate; groups of examples (WebNLG's
     seen / unseen categories) are also scored apart. `must_include` (greedy, E2E): each output must say a phrase
     for every attribute of its MR (`trainer.slots.mr_phrases`) before it may stop, the server's
@@ -136,6 +137,10 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
     if num_beams == 1 and model is loaded.model:
         outs = decode_greedy(loaded, prompts, kv, stops, max_new_tokens, max_batch_size, progress,
                              [mr_phrases(i) for i in inputs] if must_include else None)
+    elif not loaded.spec.is_encoder_decoder:  # the beams of max_batch_size // num_beams inputs share each step
+        with tqdm(total=len(prompts), disable=not progress, desc=f"decode beam={num_beams} (batched)") as bar:
+            outs = generate_many(model, prompts, kv, stops, num_beams, max_new_tokens,
+                                 batch_size=max(1, max_batch_size // num_beams), progress=bar.update)
     else:
         outs = [decode(model, p, kv, stops, num_beams, max_new_tokens)
                 for p in tqdm(prompts, disable=not progress, desc=f"decode beam={num_beams}")]

@@ -6,7 +6,7 @@ prompt starts at position P, exactly as in training and in the server. `beam_sea
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Generator, Protocol
 
 import torch
 from torch import nn
@@ -74,7 +74,23 @@ def generate(model: nn.Module, prompt_ids: list[int], kv: torch.Tensor | None, s
 def beam_search(steps: Steps, stop_ids: set[int], num_beams: int = 1, max_new_tokens: int = 64,
                 length_penalty: float = 1.0) -> list[int]:
     """Greedy (num_beams=1) or beam search over `steps` (start_logp(), step(tokens), reorder(beams))."""
-    logp = steps.start_logp()  # [1, V]
+    logp = steps.start_logp()
+    search = _search(logp, stop_ids, num_beams, max_new_tokens, length_penalty)
+    try:
+        beams, tokens = next(search)
+        while True:
+            steps.reorder(torch.tensor(beams, device=logp.device))
+            beams, tokens = search.send(steps.step(tokens))
+    except StopIteration as done:
+        return done.value
+
+
+def _search(logp: torch.Tensor, stop_ids: set[int], num_beams: int, max_new_tokens: int,
+            length_penalty: float) -> Generator[tuple[list[int], list[int]], torch.Tensor, list[int]]:
+    """One input's beam search from its first log-probs [1, V], as a generator: it yields (beams, tokens), beam i
+    continuing from old beam beams[i] with tokens[i], is sent the log-probs [n, V] after that step, and returns the
+    best sequence (stop token excluded; beams ranked by logprob / len ** length_penalty). `beam_search` drives it
+    for one input, `generate_many` for a batch of inputs whose steps share forward passes."""
     dev = logp.device
     seqs: list[list[int]] = [[]]
     scores = torch.zeros(1, device=dev)
@@ -104,11 +120,86 @@ def beam_search(steps: Steps, stop_ids: set[int], num_beams: int = 1, max_new_to
             break
         seqs = [seqs[b] + [t] for b, t in zip(keep_beam, keep_tok)]
         scores = torch.tensor(keep_s, device=dev)
-        steps.reorder(torch.tensor(keep_beam, device=dev))
-        logp = steps.step(keep_tok)
+        logp = yield keep_beam, keep_tok
     else:  # length limit: unfinished beams compete with the finished ones
         finished += [(s / max(len(q), 1) ** length_penalty, q) for s, q in zip(scores.tolist(), seqs)]
     return max(finished, key=lambda f: f[0])[1] if finished else seqs[0]
+
+
+@torch.no_grad()
+def generate_many(model: nn.Module, prompts: list[list[int]], kv: torch.Tensor | None, stop_ids: set[int],
+                  num_beams: int = 1, max_new_tokens: int = 64, length_penalty: float = 1.0,
+                  batch_size: int = 16, progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """`generate` for many prompts, `batch_size` inputs at a time: each input's beam search as `generate` runs it,
+    but the beams of all inputs in a batch share one forward pass per step (on a CPU a 135M model's step costs
+    about the same for 5 rows as for 80). Prompts are left-padded after the prefix (masked, at their own
+    positions: the prefix at 0..P-1, each prompt from P, as served). `progress(n)` is called as inputs finish."""
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        out += _generate_batch(model, prompts[i:i + batch_size], kv, stop_ids, num_beams, max_new_tokens,
+                               length_penalty, progress)
+    return out
+
+
+def _generate_batch(model: nn.Module, prompts: list[list[int]], kv: torch.Tensor | None, stop_ids: set[int],
+                    num_beams: int, max_new_tokens: int, length_penalty: float,
+                    progress: Callable[[int], None] | None) -> list[list[int]]:
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    n, longest = len(prompts), max(len(q) for q in prompts)
+    p = 0 if kv is None else kv.shape[3]
+    ids = torch.zeros(n, longest, dtype=torch.long, device=dev)  # left-padded: every prompt ends at column L-1
+    mask = torch.zeros(n, p + longest, dtype=torch.long, device=dev)
+    pos = torch.full((n, longest), p, dtype=torch.long, device=dev)
+    mask[:, :p] = 1
+    for i, q in enumerate(prompts):
+        ids[i, longest - len(q):] = torch.tensor(q, device=dev)
+        mask[i, p + longest - len(q):] = 1
+        pos[i, longest - len(q):] = torch.arange(p, p + len(q), device=dev)
+    cache = prefix_cache(model, kv.to(dev), n) if kv is not None else DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    nxt = [p + len(q) for q in prompts]  # each input's next position
+    results: dict[int, list[int]] = {}
+    searches, asks, rows = {}, {}, {}  # live inputs: their search, its (beams, tokens), their rows in the batch
+    for i in range(n):
+        searches[i] = _search(logp[i:i + 1], stop_ids, num_beams, max_new_tokens, length_penalty)
+        rows[i] = [i]
+        _advance(searches, asks, results, i, None, progress)
+    while asks:
+        index, tokens, where, positions = [], [], {}, []
+        for i, (beams, toks) in asks.items():
+            where[i] = (len(index), len(index) + len(beams))
+            index += [rows[i][b] for b in beams]
+            tokens += toks
+            positions += [nxt[i]] * len(beams)
+        sel = torch.tensor(index, device=dev)
+        cache.reorder_cache(sel)  # keeps, duplicates and drops rows (finished inputs leave the batch)
+        mask = torch.cat([mask[sel], mask.new_ones(len(index), 1)], dim=1)
+        logits = model(input_ids=torch.tensor(tokens, device=dev)[:, None], attention_mask=mask,
+                       position_ids=torch.tensor(positions, device=dev)[:, None], past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for i in list(asks):
+            a, b = where[i]
+            rows[i], nxt[i] = list(range(a, b)), nxt[i] + 1
+            _advance(searches, asks, results, i, logp[a:b], progress)
+    return [results[i] for i in range(n)]
+
+
+def _advance(searches: dict, asks: dict, results: dict, i: int, logp: torch.Tensor | None,
+             progress: Callable[[int], None] | None) -> None:
+    """Send input i's search its log-probs (None: start it); note its next request, or its result once done."""
+    try:
+        asks[i] = next(searches[i]) if logp is None else searches[i].send(logp)
+    except StopIteration as done:
+        results[i] = done.value
+        asks.pop(i, None)
+        del searches[i]
+        if progress is not None:
+            progress(1)
 
 
 def stop_token_ids(tokenizer) -> set[int]:

@@ -8,7 +8,7 @@ import torch
 
 from trainer.data import Example
 from trainer.evaluate import decode_greedy, evaluate
-from trainer.generate import generate, stop_token_ids
+from trainer.generate import generate, generate_many, stop_token_ids
 from trainer.metrics import corpus_ter
 
 E2E = [Example("name : Alpha | Type : pub | food : French", "Alpha is a French pub.", "seen"),
@@ -85,3 +85,28 @@ def test_must_include_holds_the_stop_until_the_mr_is_said(make_model):
     with pytest.raises(ValueError, match="greedy"):
         evaluate(loaded, loaded.model, None, E2E, num_beams=2, max_new_tokens=4, progress=False, use_java=False,
                  must_include=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batched_beam_search_equals_one_input_at_a_time(make_model, kind):
+    """generate_many shares each step's forward pass between the beams of several inputs (left-padded prompts
+    after the prefix): every input's output is the one `generate` gives it alone, for any batch size."""
+    loaded = make_model(kind)
+    tok = loaded.tokenizer
+    texts = ("name : Alpha\n", "a longer prompt than the first one, with more words\n", "x\n", "name : B | food : F\n",
+             "the fifth\n")
+    prompts = [tok(t)["input_ids"] for t in texts]
+    for kv in (None, _prefix(loaded)):
+        free = [generate(loaded.model, p, kv, set(), 1, 10) for p in prompts]
+        # tokens the model writes early for some inputs, and half the vocabulary (a near-uniform random model's
+        # beams must meet stops to finish early): inputs finish apart
+        stops = {free[0][2], free[3][5]} | set(range(0, len(tok), 2))
+        for beams in (1, 3):
+            alone = [generate(loaded.model, p, kv, stops, beams, 10) for p in prompts]
+            assert len({len(a) for a in alone}) > 1, (free, alone)  # finished inputs leave the batch early
+            for batch_size in (1, 2, 5):
+                done = []
+                got = generate_many(loaded.model, prompts, kv, stops, beams, 10, batch_size=batch_size,
+                                    progress=done.append)
+                assert got == alone, (kv is None, beams, batch_size)
+                assert sum(done) == len(prompts)
