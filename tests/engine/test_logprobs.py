@@ -55,5 +55,5 @@ def test_top_logprobs_equal_the_models_log_softmax_alone_and_in_a_batch(kind, lo
 
 @pytest.mark.parametrize("n", [-1, 21])
 def test_top_logprobs_out_of_range_is_refused(loaded, n):
-    with pytest.raises(ValueError, match=r"top_logprobs must be in \[0, 20\]"):
+    with pytest.raises(ValueError, match=r"top_logprobs: must be in \[0, 20\]"):
         Engine(loaded).submit(PROMPTS[0], SamplingParams(top_logprobs=n))
