@@ -18,7 +18,12 @@ def _step(model: nn.Module, ids: torch.Tensor, cache, start: int, total: int) ->
     """Run ids [n, L] at positions start.. with `total` attended positions; return last log-probs [n, V]."""
     n, length = ids.shape
     pos = torch.arange(start, start + length, device=ids.device).unsqueeze(0).expand(n, -1)  # [n, L]
-    mask = torch.ones(n, total, dtype=torch.long, device=ids.device)
+    return _last_logp(model, ids, torch.ones(n, total, dtype=torch.long, device=ids.device), pos, cache)
+
+
+def _last_logp(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """Run ids [n, L] at positions `pos` [n, L], attending where `mask` [n, cached + L] is 1, extending `cache`;
+    return the last position's log-probs [n, V] (float32)."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     return torch.log_softmax(logits.float(), dim=-1)
@@ -158,9 +163,7 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], kv: torch.Tensor
         mask[i, p + longest - len(q):] = 1
         pos[i, longest - len(q):] = torch.arange(p, p + len(q), device=dev)
     cache = prefix_cache(model, kv.to(dev), n) if kv is not None else DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    logp = _last_logp(model, ids, mask, pos, cache)  # [n, V]
     nxt = [p + len(q) for q in prompts]  # each input's next position
     results: dict[int, list[int]] = {}
     searches, asks, rows = {}, {}, {}  # live inputs: their search, its (beams, tokens), their rows in the batch
@@ -178,10 +181,8 @@ def _generate_batch(model: nn.Module, prompts: list[list[int]], kv: torch.Tensor
         sel = torch.tensor(index, device=dev)
         cache.reorder_cache(sel)  # keeps, duplicates and drops rows (finished inputs leave the batch)
         mask = torch.cat([mask[sel], mask.new_ones(len(index), 1)], dim=1)
-        logits = model(input_ids=torch.tensor(tokens, device=dev)[:, None], attention_mask=mask,
-                       position_ids=torch.tensor(positions, device=dev)[:, None], past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = _last_logp(model, torch.tensor(tokens, device=dev)[:, None], mask,
+                          torch.tensor(positions, device=dev)[:, None], cache)
         for i in list(asks):
             a, b = where[i]
             rows[i], nxt[i] = list(range(a, b)), nxt[i] + 1
