@@ -5,7 +5,6 @@ tenant once shown stays at 0 when nothing of its waits. With --scheduler fifo (o
 it has no values rather than wrong ones."""
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import threading
@@ -47,7 +46,8 @@ def _server_with_tenants(model_dir: Path, tmp_path: Path, tenants: str,
 
 def _while_queued(s: Server, holder: dict[str, str], queued: list[dict[str, str]],
                   look: Callable[[httpx.Client], None]) -> None:
-    """Hold the only row with a long stream (`holder`'s), queue a short request per entry of `queued`, call
+    """Hold the only row with a long stream (`holder`'s), queue a short request per entry of `queued` in that
+    order (each one waits in the queue before the next is sent, so tenants are first seen in list order), call
     `look` once they all wait, then let everything finish (all 200)."""
     holding = threading.Event()
 
@@ -57,18 +57,19 @@ def _while_queued(s: Server, holder: dict[str, str], queued: list[dict[str, str]
                 if line.startswith("data:"):
                     holding.set()
 
-    async def queue() -> list[int]:
-        async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
-            return [r.status_code for r in await asyncio.gather(*(c.post("/generate", json=SHORT, headers=h)
-                                                                  for h in queued))]
-
     codes: list[int] = []
-    threads = [threading.Thread(target=hold), threading.Thread(target=lambda: codes.extend(asyncio.run(queue())))]
+
+    def send(headers: dict[str, str]) -> None:
+        codes.append(httpx.post(f"{s.url}/generate", json=SHORT, headers=headers, timeout=60).status_code)
+
+    threads = [threading.Thread(target=hold)]
     with s.client() as http:
         threads[0].start()
         assert holding.wait(30)
-        threads[1].start()
-        assert _wait_for(lambda: _metric(http, "prefixserve_queue_depth") == len(queued), timeout=20)
+        for n, headers in enumerate(queued, 1):
+            threads.append(threading.Thread(target=send, args=(headers,)))
+            threads[-1].start()
+            assert _wait_for(lambda: _metric(http, "prefixserve_queue_depth") == n, timeout=20)
         look(http)
     for t in threads:
         t.join(60)
