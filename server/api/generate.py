@@ -47,13 +47,14 @@ def pick_task(query_task: str | None, adapter_id: str | None) -> str | None:
 async def with_phrases(state: AppState, params: list[SamplingParams], phrases: list[list[str]], stops: list[str],
                        prefix: str) -> None:
     """Give each SamplingParams the must_include phrases (checked by `check_must_include`) as the tokenizer spells
-    them, and the ids that hold a stop string (a row may not end on them before its phrases appear); a value the
-    engine refuses is a 422 naming `prefix`must_include."""
+    them, and the ids that hold or continue a stop string (a row may not end on them before its phrases appear); a
+    value the engine refuses is a 422 naming `prefix`must_include."""
     if not phrases:
         return
-    spellings, hold = await state.tokenizing.must_include(phrases, stops)
+    fields = await state.tokenizing.must_include(phrases, stops)
     for sp in params:
-        sp.must_include, sp.hold_ids = spellings, hold
+        for name, value in fields.items():
+            setattr(sp, name, value)
         checked(sp, prefix)
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from server.api.errors import APIError, validation
 from server.api.limits import check_text
-from server.engine.sampling import phrase_spellings
+from server.engine.sampling import StopParts, phrase_spellings
 
 logger = logging.getLogger(__name__)
 THREADS = 2
+STOP_PARTS_CACHED = 64
 T = TypeVar("T")
 
 
@@ -34,22 +37,35 @@ class Tokenizing:
         self.tokenizer, self.max_prompt_bytes = tokenizer, max_prompt_bytes
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
         self._token_texts: list[str] | None = None  # each id's text alone, built on first need
+        self._stop_parts: OrderedDict[str, StopParts] = OrderedDict()  # the last STOP_PARTS_CACHED stops' parts
+        self._stop_parts_lock = threading.Lock()
 
-    async def must_include(self, phrases: list[list[str]], stops: list[str]
-                           ) -> tuple[tuple[tuple[tuple[int, ...], ...], ...], tuple[int, ...]]:
-        """(spellings, hold ids) for `SamplingParams.must_include`: each phrase's alternatives as they tokenise
-        alone and after a space (without special tokens), and the ids whose own text holds a stop string (a row
-        must not end on them before its phrases appear)."""
+    async def must_include(self, phrases: list[list[str]], stops: list[str]) -> dict[str, tuple]:
+        """`SamplingParams` fields for must_include: `must_include` (each phrase's alternatives as they tokenise
+        alone and after a space, without special tokens), `hold_ids` (the ids whose own text holds a stop string)
+        and `stop_parts` (each stop spread over several tokens): a row must not end before its phrases appear."""
         def work():
             tok = self.tokenizer
-            spellings = phrase_spellings(tok, phrases)
-            hold: tuple[int, ...] = ()
+            fields: dict[str, tuple] = {"must_include": phrase_spellings(tok, phrases), "hold_ids": (),
+                                        "stop_parts": ()}
             if stops:
                 if self._token_texts is None:
                     self._token_texts = tok.batch_decode([[i] for i in range(len(tok))])
-                hold = tuple(i for i, t in enumerate(self._token_texts) if any(s in t for s in stops))
-            return spellings, hold
+                fields["hold_ids"] = tuple(i for i, t in enumerate(self._token_texts) if any(s in t for s in stops))
+                fields["stop_parts"] = tuple(self._parts(s) for s in dict.fromkeys(stops))
+            return fields
         return await self._run(work)
+
+    def _parts(self, stop: str) -> StopParts:
+        """`StopParts` of one stop string, built once while it stays among the last STOP_PARTS_CACHED used."""
+        with self._stop_parts_lock:
+            parts = self._stop_parts.pop(stop, None)
+        parts = parts or StopParts.build(stop, self._token_texts or [])
+        with self._stop_parts_lock:
+            self._stop_parts[stop] = parts
+            while len(self._stop_parts) > STOP_PARTS_CACHED:
+                self._stop_parts.popitem(last=False)
+        return parts
 
     def close(self) -> None:
         """Stop the threads (work still queued is dropped)."""

@@ -11,6 +11,7 @@ so that their maximum is 0, which cannot overflow whatever the temperature.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ class SamplingParams:
     # them, as a contiguous run of generated ids, counts).
     must_include: tuple[tuple[tuple[int, ...], ...], ...] = ()
     hold_ids: tuple[int, ...] = ()  # more ids that would end the row (tokens whose text holds a stop string)
+    stop_parts: tuple[StopParts, ...] = ()  # stop strings spread over several tokens, held back the same way
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -69,6 +71,52 @@ class SamplingParams:
         return not self.do_sample or self.temperature < MIN_TEMPERATURE
 
 
+@dataclass(eq=False)
+class StopParts:
+    """One stop string as it can be spelled over several tokens, in ids (each token read by its own text).
+
+    A row that has said the stop's first k characters (k in 1 .. len - 1) is in state k: `enter[k]` are the ids
+    whose text ends with those k characters (the stop may start inside them), `extend[k]` maps the ids whose text
+    continues the stop from k without completing it to their new state, and `finish[k]` are the ids whose text
+    starts with the rest of the stop after k (choosing one completes it). Ids whose own text holds the whole stop
+    are `SamplingParams.hold_ids`, not here.
+    """
+
+    enter: dict[int, frozenset[int]]
+    extend: dict[int, dict[int, int]]
+    finish: dict[int, tuple[int, ...]]
+
+    @classmethod
+    def build(cls, stop: str, token_texts: list[str]) -> StopParts:
+        """The parts of `stop` among `token_texts` (each id's text alone); work linear in the vocabulary times
+        the tokens' lengths, whatever the stop's length."""
+        size = len(stop)
+        enter: dict[int, set[int]] = defaultdict(set)
+        extend: dict[int, dict[int, int]] = defaultdict(dict)
+        finish: dict[int, list[int]] = defaultdict(list)
+        for i, text in enumerate(token_texts):
+            n = len(text)
+            if not n or stop in text:
+                continue
+            for k in range(1, min(n, size - 1) + 1):
+                if text.endswith(stop[:k]):
+                    enter[k].add(i)
+            for k in range(max(1, size - n), size):
+                if text.startswith(stop[k:]):
+                    finish[k].append(i)
+            k = stop.find(text, 1)
+            while k != -1 and k + n < size:
+                extend[k][i] = k + n
+                k = stop.find(text, k + 1)
+        return cls({k: frozenset(v) for k, v in enter.items()}, dict(extend),
+                   {k: tuple(v) for k, v in finish.items()})
+
+    def step(self, states: frozenset[int], token: int) -> frozenset[int]:
+        """The states after choosing `token` in `states`."""
+        moved = {self.extend[k][token] for k in states if token in self.extend.get(k, ())}
+        return frozenset(moved.union(k for k, ids in self.enter.items() if token in ids))
+
+
 def phrase_spellings(tokenizer, phrases: list[list[str]]) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """`SamplingParams.must_include` from phrases (each a list of alternatives): every alternative as it tokenises
     alone and after a space, without special tokens."""
@@ -89,6 +137,17 @@ class RowSampler:
     pending: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)  # must_include phrases not yet seen
     held: torch.Tensor | None = None  # ids that would end the row, masked while a phrase is pending
     prompt_len: int = 0  # where the output starts in `seen` (a phrase counts only within the output)
+    partial: list[frozenset[int]] = field(default_factory=list)  # per stop part: how much of the stop ends the text
+
+    def ending_ids(self, device: torch.device) -> torch.Tensor | None:
+        """The ids masked while a phrase is pending: `held`, and those that would complete a stop string the
+        output has started."""
+        more = sorted({i for p, states in zip(self.params.stop_parts, self.partial) for k in states
+                       for i in p.finish.get(k, ())})
+        if not more:
+            return self.held
+        extra = torch.tensor(more, dtype=torch.long, device=device)
+        return extra if self.held is None else torch.cat([self.held, extra])
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device,
@@ -104,7 +163,9 @@ class RowSampler:
             ids = set(params.stop_token_ids) | set(params.hold_ids) | (set() if params.ignore_eos else eos_token_ids)
             held = torch.tensor(sorted(ids), dtype=torch.long, device=device) if ids else None
         keep = params.repetition_penalty != 1.0 or bool(params.must_include)
-        return cls(params, gen, list(prompt_ids) if keep else [], list(params.must_include), held, len(prompt_ids))
+        partial = [frozenset()] * len(params.stop_parts) if params.must_include else []
+        return cls(params, gen, list(prompt_ids) if keep else [], list(params.must_include), held, len(prompt_ids),
+                   partial)
 
     def observe(self, token: int) -> None:
         """Note a chosen token: the repetition penalty's history, and which must_include phrases it completes."""
@@ -113,6 +174,7 @@ class RowSampler:
         s = self.seen
         s.append(token)
         if self.pending:
+            self.partial = [p.step(states, token) for p, states in zip(self.params.stop_parts, self.partial)]
             n = len(s) - self.prompt_len
             self.pending = [p for p in self.pending if not any(len(sp) <= n and tuple(s[-len(sp):]) == sp
                                                                for sp in p)]
@@ -177,13 +239,14 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[Choi
     """
     logits = logits.float()
     penalised = [i for i, s in enumerate(samplers) if s.params.repetition_penalty != 1.0]
-    holding = [i for i, s in enumerate(samplers) if s.pending and s.held is not None]
+    ending = {i: s.ending_ids(logits.device) for i, s in enumerate(samplers) if s.pending}
+    holding = [i for i, ids in ending.items() if ids is not None]
     if penalised or holding:
         logits = logits.clone()
         for i in penalised:
             logits[i] = _penalise(logits[i], samplers[i].seen, samplers[i].params.repetition_penalty)
         for i in holding:  # a phrase the row must say is still missing: it may not end yet
-            logits[i, samplers[i].held] = -math.inf
+            logits[i, ending[i]] = -math.inf
     tokens = logits.argmax(dim=-1).tolist()
     choices = [Choice() for _ in samplers]
     for i, s in enumerate(samplers):

@@ -1,5 +1,6 @@
 """parameters.must_include over HTTP (the real server, GPT-2's tokenizer): a phrase already said changes nothing,
-a missing one keeps a stop string from ending the output, and bad values are 422s naming the field."""
+a missing one keeps a stop string (in one token or spread over several) from ending the output, and bad values are
+422s naming the field."""
 from __future__ import annotations
 
 import pytest
@@ -31,6 +32,17 @@ def test_a_phrase_already_said_changes_nothing_and_a_missing_one_holds_the_stop(
     # alternatives: one of them is enough
     said = _gen(http, stop=[stop], must_include=[["zebra quantum lighthouse", texts[2].strip()]])
     assert said["generated_text"] == stopped["generated_text"]
+
+
+def test_a_missing_phrase_holds_a_stop_string_spread_over_two_tokens(http):
+    texts = [t["text"] for t in _gen(http)["details"]["tokens"]]
+    stop = texts[5] + texts[6]  # no single token's text holds it
+    if not texts[5] or not texts[6] or stop in "".join(texts[:6]):
+        pytest.skip("the tiny model's output has no usable stop string")
+    assert _gen(http, stop=[stop])["details"]["finish_reason"] == "stop_sequence"
+    held = _gen(http, stop=[stop], must_include=["zebra quantum lighthouse"])
+    assert held["details"]["finish_reason"] == "length" and stop not in held["generated_text"]
+    assert [t["text"] for t in held["details"]["tokens"]][:6] == texts[:6]  # the same until the stop would begin
 
 
 @pytest.mark.parametrize("value, message", [

@@ -1,12 +1,12 @@
-"""`must_include`: a row may not end (EOS, stop ids, hold ids) before each phrase has appeared in its output;
-max_new_tokens still ends it, and batch-mates are unaffected."""
+"""`must_include`: a row may not end (EOS, stop ids, hold ids, a stop string spread over several tokens) before
+each phrase has appeared in its output; max_new_tokens still ends it, and batch-mates are unaffected."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from server.engine.engine import Engine, EngineConfig
-from server.engine.sampling import RowSampler, SamplingParams, choose_tokens, phrase_spellings
+from server.engine.sampling import RowSampler, SamplingParams, StopParts, choose_tokens, phrase_spellings
 from tests.engine.test_exactness import PROMPTS, run_alone
 from tests.engine.test_sampling_and_lifecycle import drive
 
@@ -75,6 +75,39 @@ def test_sampler_tracks_phrases_over_tokens():
     logits = torch.zeros(1, 8)
     logits[0, 1] = 9.0
     assert choose_tokens(logits, [s])[0].token == 1  # all said: it may end
+
+
+# a toy vocabulary for the stop "END": ids 0-9 by their own text
+TEXTS = ["E", "N", "D", "EN", "ND", "xE", "Dx", "END", "q", "NDE"]
+
+
+def test_stop_parts_of_a_stop_spread_over_tokens():
+    p = StopParts.build("END", TEXTS)
+    assert p.enter == {1: {0, 5, 9}, 2: {3}}  # texts ending with "E" / "EN" (never "END" itself: a hold id)
+    assert p.extend == {1: {1: 2}}  # "N" after "E": two characters said
+    assert p.finish == {1: (4, 9), 2: (2, 6)}  # "ND..." after "E", "D..." after "EN"
+    assert p.step(frozenset(), 0) == {1} and p.step(frozenset({1}), 1) == {2} and p.step(frozenset({1}), 8) == set()
+    assert p.step(frozenset({1}), 9) == {1}  # "NDE" would finish the stop (masked) and starts it again
+    assert StopParts.build("\n\n", ["\n", "a\n", "\nb", "\n\n", "b"]).finish == {1: (0, 2)}
+
+
+def test_a_pending_phrase_holds_a_stop_spelled_over_two_and_three_tokens():
+    """The most likely tokens spell "END" as E+ND, then as E+N+D: while the phrase (id 8) is missing neither may
+    complete it; once said, the stop may end the output."""
+    p = SamplingParams(max_new_tokens=10, must_include=(((8,),),), stop_parts=(StopParts.build("END", TEXTS),))
+    s = RowSampler.create(p, [8], torch.device("cpu"))  # the prompt's phrase does not count
+
+    def pick(*ranked: int) -> int:
+        logits = torch.zeros(1, len(TEXTS))
+        for rank, tok in enumerate(ranked):
+            logits[0, tok] = 10.0 - rank
+        return choose_tokens(logits, [s])[0].token
+
+    assert pick(0) == 0 and pick(4, 1) == 1  # "E", then not "ND": "N" (state 2)
+    assert pick(2, 6, 3) == 3  # "D" and "Dx" would finish "END": the next best, "EN", starts it again
+    assert pick(6, 5) == 5 and pick(9, 3) == 3  # "xE", then not "NDE"
+    assert pick(8) == 8 and not s.pending
+    assert pick(2) == 2  # said: "EN" + "D" may end the output now
 
 
 def test_a_phrase_counts_only_within_the_output():
