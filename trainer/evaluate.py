@@ -20,9 +20,9 @@ from server.engine.device_prefix import DevicePrefix
 from server.engine.lora import DeviceLora
 from server.engine.sampling import SamplingParams, phrase_spellings
 from trainer.data import Example, group_references, prompt_for
-from trainer.generate import generate, generate_many, stop_token_ids
+from trainer.generate import generate_many, stop_token_ids
 from trainer.metrics import corpus_ter, e2e_metrics
-from trainer.seq2seq import Seq2SeqPrefix, generate_seq2seq
+from trainer.seq2seq import Seq2SeqPrefix, generate_seq2seq_many
 from trainer.slots import SlotReport, is_e2e_input, mr_phrases, slot_errors
 
 logger = logging.getLogger(__name__)
@@ -31,10 +31,10 @@ DEFAULT_INSTRUCTION = ("Write one fluent English sentence (or two) that expresse
                        "structured input.")
 
 
-# ModelSpec.is_encoder_decoder -> (decode one input, what decoding takes from an artifact)
+# ModelSpec.is_encoder_decoder -> (decode many inputs, batched, what decoding takes from an artifact)
 DECODERS = {
-    False: (generate, lambda art: art.kv),  # the KV prefix [layers, 2, kv_heads, P, head_dim]
-    True: (generate_seq2seq, Seq2SeqPrefix.from_artifact),  # BART: up to three tensors and their positions
+    False: (generate_many, lambda art: art.kv),  # the KV prefix [layers, 2, kv_heads, P, head_dim]
+    True: (generate_seq2seq_many, Seq2SeqPrefix.from_artifact),  # BART: up to three tensors and their positions
 }
 
 
@@ -117,9 +117,8 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
              shots: list[Example] | None = None, instruction: str = "", out: str | Path | None = None,
              progress: bool = True, use_java: bool | None = None, max_batch_size: int = 64,
              must_include: bool = False) -> dict:
-    """Decode and score (greedy through the engine; beam search batched for decoder-only models, one input at a
-    time for BART); writes predictions.jsonl
-    and metrics.json into `out` when given. E2E inputs also get the slot error rate; groups of examples (WebNLG's
+    """Decode and score (greedy through the engine; beam search batched: the beams of several inputs share each
+    step, decoder-only or BART); writes predictions.jsonl and metrics.json into `out` when given. E2E inputs also get the slot error rate; groups of examples (WebNLG's
     seen / unseen categories) are also scored apart. `must_include` (greedy, E2E): each output must say a phrase
     for every attribute of its MR (`trainer.slots.mr_phrases`) before it may stop, the server's
     `parameters.must_include`."""
@@ -137,13 +136,10 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
     if num_beams == 1 and model is loaded.model:
         outs = decode_greedy(loaded, prompts, kv, stops, max_new_tokens, max_batch_size, progress,
                              [mr_phrases(i) for i in inputs] if must_include else None)
-    elif not loaded.spec.is_encoder_decoder:  # the beams of max_batch_size // num_beams inputs share each step
+    else:  # the beams of max_batch_size // num_beams inputs share each step
         with tqdm(total=len(prompts), disable=not progress, desc=f"decode beam={num_beams} (batched)") as bar:
-            outs = generate_many(model, prompts, kv, stops, num_beams, max_new_tokens,
-                                 batch_size=max(1, max_batch_size // num_beams), progress=bar.update)
-    else:
-        outs = [decode(model, p, kv, stops, num_beams, max_new_tokens)
-                for p in tqdm(prompts, disable=not progress, desc=f"decode beam={num_beams}")]
+            outs = decode(model, prompts, kv, stops, num_beams, max_new_tokens,
+                          batch_size=max(1, max_batch_size // num_beams), progress=bar.update)
     hyps = [tok.decode(ids, skip_special_tokens=True).strip() for ids in outs]
     decode_s = time.perf_counter() - t0
     result = {"metrics": score(inputs, hyps, refs, use_java), "inputs": len(inputs), "num_beams": num_beams,

@@ -13,7 +13,7 @@ without the MLPs as a format-2 artifact.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from basemodel.model import LoadedModel
 from prefix_store.artifact import PrefixArtifact
 from trainer.bart_prefix import apply_prefixes, generation_ids, prefix_logits
 from trainer.data import Example, prompt_for
-from trainer.generate import beam_search
+from trainer.generate import search_many
 from trainer.methods import MethodConfig, PrefixMLP
 
 SEQ2SEQ_METHODS = ("prefix", "prefix-direct", "finetune")
@@ -147,19 +147,25 @@ class Seq2SeqPrefix:
 
 
 class Seq2SeqSteps:
-    """Beam-search steps for BART: the encoder once, then one decoder token per beam (cached self/cross K/V).
+    """Steps for BART (`trainer.generate.search_many`): the encoder once over the inputs (right-padded, masked),
+    then one decoder token per row (cached self/cross K/V).
 
     Must run inside `apply_prefixes` for the prefixes to apply. Forces the generation config's
     `forced_bos_token_id` as the first token, as HF generate does for BART.
     """
 
-    def __init__(self, model: nn.Module, input_ids: list[int]):
+    def __init__(self, model: nn.Module, inputs: list[list[int]]):
         from transformers import DynamicCache, EncoderDecoderCache
 
         self.model = model
         dev = next(model.parameters()).device
-        ids = torch.tensor([input_ids], device=dev)
-        self.mask = torch.ones_like(ids)  # [n, S]
+        longest = max(len(q) for q in inputs)
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        ids = torch.full((len(inputs), longest), pad, dtype=torch.long, device=dev)
+        self.mask = torch.zeros_like(ids)  # [n, S]
+        for i, q in enumerate(inputs):
+            ids[i, :len(q)] = torch.tensor(q, device=dev)
+            self.mask[i, :len(q)] = 1
         self.enc = model.get_encoder()(input_ids=ids, attention_mask=self.mask).last_hidden_state  # [n, S, D]
         self.cache = EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
         self.start, self.forced_bos, _ = generation_ids(model)
@@ -171,30 +177,43 @@ class Seq2SeqSteps:
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [n, V]
 
     def start_logp(self) -> torch.Tensor:
-        """Log-probs of the first token [1, V] (all mass on the forced BOS when the config forces one)."""
-        logp = self._logp(torch.tensor([self.start], device=self.dev))
+        """Log-probs of each input's first token [n, V] (all mass on the forced BOS when the config forces one)."""
+        logp = self._logp(torch.full((self.enc.shape[0],), self.start, device=self.dev))
         if self.forced_bos is not None:
             logp = torch.full_like(logp, float("-inf"))
             logp[:, self.forced_bos] = 0.0
         return logp
 
     def step(self, tokens: list[int]) -> torch.Tensor:
-        """Log-probs [n, V] after appending one token to each beam."""
+        """Log-probs [m, V] after appending one token to each row."""
         return self._logp(torch.tensor(tokens, device=self.dev))
 
-    def reorder(self, beams: torch.Tensor) -> None:
-        """Keep / duplicate beams: the caches, encoder states and masks follow."""
-        self.cache.reorder_cache(beams)
-        self.enc, self.mask = self.enc[beams], self.mask[beams]
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep / duplicate / drop rows: the caches, encoder states and masks follow."""
+        self.cache.reorder_cache(rows)
+        self.enc, self.mask = self.enc[rows], self.mask[rows]
 
 
 @torch.no_grad()
 def generate_seq2seq(model: nn.Module, input_ids: list[int], prefix: Seq2SeqPrefix | None, stop_ids: set[int],
                      num_beams: int = 1, max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[int]:
     """Generated ids (stop token excluded) for one encoder input; greedy when num_beams=1, else beam search."""
+    return generate_seq2seq_many(model, [input_ids], prefix, stop_ids, num_beams, max_new_tokens, length_penalty)[0]
+
+
+@torch.no_grad()
+def generate_seq2seq_many(model: nn.Module, inputs: list[list[int]], prefix: Seq2SeqPrefix | None,
+                          stop_ids: set[int], num_beams: int = 1, max_new_tokens: int = 64,
+                          length_penalty: float = 1.0, batch_size: int = 16,
+                          progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """`generate_seq2seq` for many encoder inputs, `batch_size` at a time, their beams sharing each decoder step
+    (`trainer.generate.search_many`): each input's result is the one it gets alone."""
     tensors, positions = (prefix.tensors, prefix.positions) if prefix else ({}, TRAINED_POSITIONS)
     dev = next(model.parameters()).device
     tensors = {k: v.to(dev) for k, v in tensors.items()}
+    out: list[list[int]] = []
     with apply_prefixes(model, tensors, positions):
-        steps = Seq2SeqSteps(model, input_ids)
-        return beam_search(steps, stop_ids, num_beams, max_new_tokens, length_penalty)
+        for i in range(0, len(inputs), batch_size):
+            out += search_many(Seq2SeqSteps(model, inputs[i:i + batch_size]), stop_ids, num_beams, max_new_tokens,
+                               length_penalty, progress)
+    return out

@@ -19,7 +19,7 @@ from trainer.evaluate import decode_greedy
 from trainer.generate import stop_token_ids
 from trainer.methods import MethodConfig
 from trainer.seq2seq import (Seq2SeqPrefix, Seq2SeqSteps, Seq2SeqTaskModel, collate_seq2seq, encode_seq2seq,
-                             generate_seq2seq, seq2seq_loss)
+                             generate_seq2seq, generate_seq2seq_many, seq2seq_loss)
 
 EXAMPLES = [Example(f"name : N{i} | food : F{i % 3}", f"N{i} serves F{i % 3} food.") for i in range(6)]
 
@@ -138,7 +138,7 @@ def test_beam_steps_reorder_caches_and_encoder_states(bart_dir):
         return torch.log_softmax(logits.float(), -1)
 
     with torch.no_grad(), apply_prefixes(model, pre, "from_zero"):
-        steps = Seq2SeqSteps(model, src)
+        steps = Seq2SeqSteps(model, [src])
         torch.testing.assert_close(steps.start_logp()[0], full([2]))
         steps.reorder(torch.tensor([0, 0, 0]))
         got = steps.step([5, 6, 7])
@@ -148,6 +148,33 @@ def test_beam_steps_reorder_caches_and_encoder_states(bart_dir):
         torch.testing.assert_close(got[row], full([2, tok]), atol=1e-5, rtol=0)
     torch.testing.assert_close(got2[0], full([2, 7, 8]), atol=1e-5, rtol=0)
     torch.testing.assert_close(got2[1], full([2, 5, 9]), atol=1e-5, rtol=0)
+
+
+def test_batched_beam_search_equals_one_input_at_a_time(bart_dir):
+    """generate_seq2seq_many shares each decoder step between the beams of several inputs (right-padded, masked
+    encoder inputs): every input's output is the one generate_seq2seq gives it alone, for any batch size."""
+    loaded = _loaded(bart_dir)
+    model, c, g = loaded.model.eval(), loaded.model.config, torch.Generator().manual_seed(1)
+    enc_hd, dec_hd = c.d_model // c.encoder_attention_heads, c.d_model // c.decoder_attention_heads
+    prefix = Seq2SeqPrefix({"encoder_kv": torch.randn(c.encoder_layers, 2, c.encoder_attention_heads, 2, enc_hd,
+                                                      generator=g),
+                            "cross_kv": torch.randn(c.decoder_layers, 2, c.decoder_attention_heads, 3, dec_hd,
+                                                    generator=g)}, "from_zero")
+    srcs = [loaded.tokenizer(t)["input_ids"] for t in ("name : N1 | food : F1\n", "x\n",
+                                                        "a longer input than the others, with more words in it\n",
+                                                        "name : B\n", "the fifth\n")]
+    for pre in (None, prefix):
+        free = [generate_seq2seq(model, q, pre, set(), 1, 10) for q in srcs]
+        stops = {free[0][3], free[2][5]} | set(range(0, len(loaded.tokenizer), 2))  # inputs finish apart
+        for beams in (1, 3):
+            alone = [generate_seq2seq(model, q, pre, stops, beams, 10) for q in srcs]
+            assert len({len(a) for a in alone}) > 1, (free, alone)
+            for batch_size in (1, 2, 5):
+                done = []
+                got = generate_seq2seq_many(model, srcs, pre, stops, beams, 10, batch_size=batch_size,
+                                            progress=done.append)
+                assert got == alone, (pre is None, beams, batch_size)
+                assert sum(done) == len(srcs)
 
 
 def test_e2e_run_through_the_cli_trains_saves_and_decodes(bart_dir, tmp_path, capsys, monkeypatch):
