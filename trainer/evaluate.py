@@ -118,8 +118,8 @@ def evaluate(loaded: LoadedModel, model: nn.Module, kv: torch.Tensor | Seq2SeqPr
              progress: bool = True, use_java: bool | None = None, max_batch_size: int = 64,
              must_include: bool = False) -> dict:
     """Decode and score (greedy through the engine; beam search batched: the beams of several inputs share each
-    step, decoder-only or BART); writes predictions.jsonl and metrics.json into `out` when given. E2E inputs also get the slot error rate; groups of examples (WebNLG's
-    seen / unseen categories) are also scored apart. `must_include` (greedy, E2E): each output must say a phrase
+    step, decoder-only or BART); writes predictions.jsonl and metrics.json into `out` when given. E2E inputs also
+    get the slot error rate; groups of examples (WebNLG's seen / unseen categories) are also scored apart. `must_include` (greedy, E2E): each output must say a phrase
     for every attribute of its MR (`trainer.slots.mr_phrases`) before it may stop, the server's
     `parameters.must_include`."""
     tok = loaded.tokenizer

@@ -80,13 +80,7 @@ class CausalSteps:
 def generate(model: nn.Module, prompt_ids: list[int], kv: torch.Tensor | None, stop_ids: set[int],
              num_beams: int = 1, max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[int]:
     """Generated token ids (stop token excluded). num_beams=1 is greedy; beams are ranked by logprob/len**lp."""
-    return beam_search(CausalSteps(model, [prompt_ids], kv), stop_ids, num_beams, max_new_tokens, length_penalty)
-
-
-def beam_search(steps: Steps, stop_ids: set[int], num_beams: int = 1, max_new_tokens: int = 64,
-                length_penalty: float = 1.0) -> list[int]:
-    """Greedy (num_beams=1) or beam search over the steps of one input."""
-    return search_many(steps, stop_ids, num_beams, max_new_tokens, length_penalty)[0]
+    return generate_many(model, [prompt_ids], kv, stop_ids, num_beams, max_new_tokens, length_penalty)[0]
 
 
 def _search(logp: torch.Tensor, stop_ids: set[int], num_beams: int, max_new_tokens: int,
@@ -130,11 +124,22 @@ def _search(logp: torch.Tensor, stop_ids: set[int], num_beams: int, max_new_toke
     return max(finished, key=lambda f: f[0])[1] if finished else seqs[0]
 
 
-def search_many(steps: Steps, stop_ids: set[int], num_beams: int = 1, max_new_tokens: int = 64,
-                length_penalty: float = 1.0, progress: Callable[[int], None] | None = None) -> list[list[int]]:
-    """Each input's beam search (`_search`) over a batch of `steps`: the beams of every live input share one
-    `steps.step` per step, finished inputs leave the batch, and each input gets the result it gets alone.
-    `progress(n)` is called as inputs finish."""
+def search_many(make_steps: Callable[[list[list[int]]], Steps], inputs: list[list[int]], stop_ids: set[int],
+                num_beams: int = 1, max_new_tokens: int = 64, length_penalty: float = 1.0, batch_size: int = 16,
+                progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Each input's beam search (`_search`), `batch_size` inputs at a time: `make_steps(batch)` builds the batch's
+    `Steps` (decoder-only or BART), the beams of every live input share one `step` per step, finished inputs leave
+    the batch, and each input gets the result it gets alone. `progress(n)` is called as inputs finish."""
+    out: list[list[int]] = []
+    for i in range(0, len(inputs), batch_size):
+        out += _search_batch(make_steps(inputs[i:i + batch_size]), stop_ids, num_beams, max_new_tokens,
+                             length_penalty, progress)
+    return out
+
+
+def _search_batch(steps: Steps, stop_ids: set[int], num_beams: int, max_new_tokens: int, length_penalty: float,
+                  progress: Callable[[int], None] | None) -> list[list[int]]:
+    """`search_many` for the inputs of one batch of `steps`."""
     logp = steps.start_logp()  # [n, V]
     n = logp.shape[0]
     results: dict[int, list[int]] = {}
@@ -165,11 +170,8 @@ def generate_many(model: nn.Module, prompts: list[list[int]], kv: torch.Tensor |
     """`generate` for many prompts, `batch_size` inputs at a time: each input's beam search as `generate` runs it,
     but the beams of all inputs in a batch share one forward pass per step (on a CPU a 135M model's step costs
     about the same for 5 rows as for 80). `progress(n)` is called as inputs finish."""
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        out += search_many(CausalSteps(model, prompts[i:i + batch_size], kv), stop_ids, num_beams, max_new_tokens,
-                           length_penalty, progress)
-    return out
+    return search_many(lambda batch: CausalSteps(model, batch, kv), prompts, stop_ids, num_beams, max_new_tokens,
+                       length_penalty, batch_size, progress)
 
 
 def _advance(searches: dict, asks: dict, results: dict, i: int, logp: torch.Tensor | None,

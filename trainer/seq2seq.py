@@ -211,9 +211,6 @@ def generate_seq2seq_many(model: nn.Module, inputs: list[list[int]], prefix: Seq
     tensors, positions = (prefix.tensors, prefix.positions) if prefix else ({}, TRAINED_POSITIONS)
     dev = next(model.parameters()).device
     tensors = {k: v.to(dev) for k, v in tensors.items()}
-    out: list[list[int]] = []
     with apply_prefixes(model, tensors, positions):
-        for i in range(0, len(inputs), batch_size):
-            out += search_many(Seq2SeqSteps(model, inputs[i:i + batch_size]), stop_ids, num_beams, max_new_tokens,
-                               length_penalty, progress)
-    return out
+        return search_many(lambda batch: Seq2SeqSteps(model, batch), inputs, stop_ids, num_beams, max_new_tokens,
+                           length_penalty, batch_size, progress)
